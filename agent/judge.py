@@ -1,0 +1,118 @@
+"""Keep or discard: the rules that turn a candidate's val_bpb into a Verdict.
+
+A fixed-time run is noisy, so baseline repeats with different seeds give the noise floor sigma,
+and a candidate (run with the first baseline's seed) must beat the best by more than k * sigma.
+The greedy autoresearch rule sits beside it so both can be compared on the same runs.
+Every rule is a pure function; the loop picks one by name from JUDGES.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    """The run-to-run spread of val_bpb, measured on baseline repeats."""
+
+    sigma: float | None  # sample standard deviation; None with fewer than 2 runs
+    runs: int
+
+    def describe(self) -> str:
+        runs = f"{self.runs} baseline run{'' if self.runs == 1 else 's'}"
+        if self.sigma is None:
+            return f"sigma unknown ({runs})"
+        return f"sigma {self.sigma:.4f} from {runs}"
+
+
+def noise_floor(values: Sequence[float]) -> NoiseFloor:
+    """Sigma (ddof=1) of the baseline val_bpb values; non-finite values are failed runs, not measurements."""
+    finite = [value for value in values if math.isfinite(value)]
+    sigma = statistics.stdev(finite) if len(finite) >= 2 else None
+    return NoiseFloor(sigma=sigma, runs=len(finite))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to do with a candidate, and why in numbers; 'confirm' asks for one more run first."""
+
+    status: Literal["keep", "discard", "confirm"]
+    reason: str
+
+
+def _measured(values: Sequence[float]) -> tuple[float, str] | Verdict:
+    """The mean of the candidate's runs and how to show it, or a discard when a value is not finite."""
+    if not values:
+        raise ValueError("a judge needs at least one val_bpb value")
+    if not all(math.isfinite(value) for value in values):
+        shown = ", ".join(f"{value:.4f}" for value in values)
+        return Verdict("discard", f"val_bpb {shown} is not finite" if len(values) == 1
+                       else f"val_bpb {shown}: not all finite")
+    mean = statistics.fmean(values)
+    return mean, "" if len(values) == 1 else f" (mean of {len(values)} runs)"
+
+
+def judge_noise(
+    values: Sequence[float],
+    best: float,
+    floor: NoiseFloor,
+    *,
+    k: float = 2.0,
+    min_delta: float = 0.0,
+    lines_added: int = 0,
+    lines_removed: int = 0,
+    confirm_margin: float = 0.0,
+) -> Verdict:
+    """Keep when the mean beats best by more than max(k * sigma, min_delta), or when a simplification
+    stays within that threshold; near the deciding boundary a single run asks for confirmation."""
+    measured = _measured(values)
+    if isinstance(measured, Verdict):
+        return measured
+    mean, runs = measured
+    delta = mean - best
+    shown = f"{delta:+.4f}{runs}"
+
+    if floor.sigma is None:
+        threshold, label = min_delta, "min_delta"
+        prefix, suffix = f"{floor.describe()}: ", ""
+    else:
+        k_sigma = k * floor.sigma
+        threshold, label = (k_sigma, f"{k:g} sigma") if k_sigma >= min_delta else (min_delta, "min_delta")
+        above = "" if label != "min_delta" else f"min_delta above {k:g} sigma = {k_sigma:.4f}; "
+        prefix, suffix = "", f" ({above}{floor.describe()})"
+
+    simplification = lines_removed > lines_added
+    # A simplification is decided at +threshold (stay within noise), anything else at -threshold (beat it).
+    boundary = threshold if simplification else -threshold
+    band = confirm_margin * threshold
+    if len(values) == 1 and band > 0 and abs(delta - boundary) <= band:
+        sign = "+" if simplification else "-"
+        return Verdict("confirm", f"{prefix}{shown} is within {band:.4f} of {sign}{label} = {boundary:+.4f}, "
+                                  f"run it once more to decide{suffix}")
+    if delta < -threshold:
+        return Verdict("keep", f"{prefix}{shown} < -{label} = -{threshold:.4f}{suffix}")
+    lines = f"simplification: {lines_removed} lines removed, {lines_added} added"
+    if simplification and delta <= threshold:
+        return Verdict("keep", f"{prefix}{lines}, {shown} within {label} = {threshold:.4f}{suffix}")
+    if simplification:
+        return Verdict("discard", f"{prefix}{lines}, but {shown} > {label} = {threshold:.4f}{suffix}")
+    return Verdict("discard", f"{prefix}{shown} >= -{label} = -{threshold:.4f}{suffix}")
+
+
+def judge_greedy(values: Sequence[float], best: float, floor: NoiseFloor | None = None, **ignored: object) -> Verdict:
+    """The karpathy/autoresearch rule: keep iff the (mean) val_bpb is strictly lower than best."""
+    measured = _measured(values)
+    if isinstance(measured, Verdict):
+        return measured
+    mean, runs = measured
+    if mean < best:
+        return Verdict("keep", f"greedy: {mean:.4f}{runs} < best {best:.4f}")
+    return Verdict("discard", f"greedy: {mean:.4f}{runs} >= best {best:.4f}")
+
+
+# Both take (values, best, floor, **options), so `--judge {noise,greedy}` swaps one for the other.
+JUDGES: dict[str, Callable[..., Verdict]] = {"noise": judge_noise, "greedy": judge_greedy}

@@ -1,0 +1,230 @@
+"""The ledger `experiments.tsv`: one tab-separated row per run, append-only, each row fsynced.
+
+The first five columns are karpathy/autoresearch's results.tsv columns with the same meaning, so its
+analysis notebook still reads the file. The loop may be killed mid-write: a reader reports a row cut
+short and carries on, `repair()` moves the fragment aside, and `append` never glues onto it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import numbers
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from agent.stops import UserError
+
+COLUMNS = (
+    "commit",            # short sha of the experiment's commit; empty when nothing was committed
+    "val_bpb",           # validation bits per byte, lower is better; 0.000000 for a crash, as autoresearch writes
+    "memory_gb",         # peak accelerator memory in GB; 0.0 for a crash
+    "status",            # keep | discard | crash | timeout | invalid
+    "description",       # one line saying what the experiment changed
+    "tag",               # the run's tag; its branch is autoresearch/<tag>
+    "experiment",        # backlog ID (MM-1), `baseline`, or an ID the proposer made up
+    "val_loss",          # validation cross-entropy, nats per token
+    "reason",            # why this status, in numbers ("-0.0123 < -2 sigma = -0.0082 (...)")
+    "timestamp",         # when the row was written, ISO 8601 UTC; filled in when the caller gives none
+    "preset",            # gpu | cpu; runs are compared only within one preset
+    "data_fingerprint",  # the prepared data and tokenizer the run trained and evaluated on
+    "seed",              # AUTORESEARCH_SEED of the run
+    "training_seconds",  # seconds spent training, from the summary block
+    "num_steps",         # optimizer steps taken
+    "val_accuracy",      # next-token accuracy on the validation split
+    "val_perplexity",    # exp(val_loss)
+    "lines_added",       # lines the experiment's diff added to train.py
+    "lines_removed",     # lines the experiment's diff removed from train.py
+    "delta",             # val_bpb minus the best it was judged against; negative is an improvement
+    "sigma",             # noise floor the judge used; empty while unknown
+    "parent",            # the best commit the experiment started from
+    "attempts",          # crash-repair attempts the proposer made
+    "input_tokens",      # LLM input tokens spent on this experiment, cache reads excluded
+    "cached_tokens",     # LLM input tokens read from the prompt cache
+    "output_tokens",     # LLM output tokens
+    "cost_usd",          # LLM cost of this experiment in US dollars
+    "wall_seconds",      # wall-clock seconds of the whole experiment, edit to verdict
+)
+
+STATUSES = ("keep", "discard", "crash", "timeout", "invalid")
+
+_FLOAT_FORMATS = {
+    "val_bpb": ".6f", "val_loss": ".6f", "delta": ".6f", "sigma": ".6f",
+    "memory_gb": ".1f", "cost_usd": ".4f", "val_accuracy": ".6f", "val_perplexity": ".4f",
+    "training_seconds": ".1f", "wall_seconds": ".1f",
+}
+_INTEGER_COLUMNS = {
+    "seed", "num_steps", "lines_added", "lines_removed", "attempts",
+    "input_tokens", "cached_tokens", "output_tokens",
+}
+# Tab, and every character str.splitlines() breaks on, so a row is always one line for any reader.
+_BREAKS = re.compile("[\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+_HEADER = "\t".join(COLUMNS) + "\n"
+
+
+class LedgerError(UserError):
+    """The ledger file cannot be read or extended as it is; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class LedgerRead:
+    """The rows of the ledger, and one sentence per line that could not be read as written."""
+
+    rows: list[dict[str, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _cell(column: str, value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+        if column in _FLOAT_FORMATS:
+            return format(number, _FLOAT_FORMATS[column])
+        if column in _INTEGER_COLUMNS and number.is_integer():
+            return str(int(number))
+        return repr(number)
+    return _BREAKS.sub(" ", str(value))
+
+
+def _line(row: Mapping[str, object]) -> str:
+    cells = {column: _cell(column, row.get(column)) for column in COLUMNS}
+    if not cells["timestamp"]:
+        cells["timestamp"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if cells["status"] == "crash":
+        cells["val_bpb"] = cells["val_bpb"] or "0.000000"
+        cells["memory_gb"] = cells["memory_gb"] or "0.0"
+    text = io.StringIO()
+    csv.writer(text, delimiter="\t", lineterminator="\n").writerow(cells[column] for column in COLUMNS)
+    return text.getvalue()
+
+
+def _fields(line: str) -> list[str]:
+    return next(csv.reader([line.rstrip("\r")], delimiter="\t"), [])
+
+
+class Ledger:
+    """The append-only experiments.tsv at `path`."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @property
+    def aside(self) -> Path:
+        """Where repair() keeps the fragments it moves out of the ledger."""
+        return self.path.with_name(self.path.name + ".truncated")
+
+    def append(self, row: Mapping[str, object]) -> str | None:
+        """Write one row (missing columns empty) and fsync it; returns repair()'s sentence if a cut-short
+        last line had to be moved aside first, else None."""
+        unknown = sorted(set(row) - set(COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown ledger columns: {', '.join(unknown)}")
+        if row.get("status") not in STATUSES:
+            raise ValueError(f"ledger status {row.get('status')!r} is not one of {', '.join(STATUSES)}")
+        repaired = self.repair()
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        data = ((_HEADER if new else "") + _line(row)).encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return repaired
+
+    def read(self) -> LedgerRead:
+        """All rows as strings; a line with the wrong number of fields is read as far as it goes and reported."""
+        if not self.path.exists():
+            return LedgerRead()
+        data = self.path.read_bytes()
+        if not self._check_header(data):
+            return LedgerRead(problems=[
+                f"{self.path} holds only part of its header line, so it reads as empty; "
+                f"Ledger.repair() moves it to {self.aside}."])
+        text = data.decode("utf-8", errors="replace")
+        lines = text.split("\n")
+        ends_cleanly = lines[-1] == ""
+        if ends_cleanly:
+            lines.pop()
+        result = LedgerRead()
+        for number, line in enumerate(lines[1:], start=2):
+            if not line.strip():
+                continue
+            fields = _fields(line)
+            last = number == len(lines)
+            if last and (not ends_cleanly or len(fields) < len(COLUMNS)):
+                newline = "" if ends_cleanly else ", no final newline"
+                result.problems.append(
+                    f"{self.path} line {number} was cut short ({len(fields)} of {len(COLUMNS)} fields{newline}), "
+                    f"read with the missing fields empty; Ledger.repair() moves it to {self.aside}.")
+            elif len(fields) < len(COLUMNS):
+                result.problems.append(
+                    f"{self.path} line {number} has {len(fields)} of {len(COLUMNS)} fields, "
+                    f"read with the missing fields empty.")
+            elif len(fields) > len(COLUMNS):
+                result.problems.append(
+                    f"{self.path} line {number} has {len(fields)} fields for {len(COLUMNS)} columns, "
+                    f"read with the extra fields left out.")
+            fields += [""] * (len(COLUMNS) - len(fields))
+            result.rows.append(dict(zip(COLUMNS, fields)))
+        return result
+
+    def rows(self, tag: str | None = None) -> list[dict[str, str]]:
+        """The rows, only those of `tag` when given."""
+        return [row for row in self.read().rows if tag is None or row["tag"] == tag]
+
+    def repair(self) -> str | None:
+        """Move a cut-short last line to the `.truncated` file (appending), truncate the ledger to its last
+        complete row, and say so in one sentence; None when there was nothing to repair."""
+        if not self.path.exists():
+            return None
+        data = self.path.read_bytes()
+        self._check_header(data)
+        start = self._cut_line_start(data)
+        if start is None:
+            return None
+        fragment = data[start:]
+        with open(self.aside, "ab") as aside:
+            aside.write(fragment if fragment.endswith(b"\n") else fragment + b"\n")
+            aside.flush()
+            os.fsync(aside.fileno())
+        with open(self.path, "r+b") as ledger:
+            ledger.truncate(start)
+            os.fsync(ledger.fileno())
+        number = data.count(b"\n", 0, start) + 1
+        return (f"{self.path} line {number} was cut short ({len(fragment)} bytes); moved it to {self.aside} "
+                f"and truncated the ledger to its last complete row.")
+
+    def _check_header(self, data: bytes) -> bool:
+        """True when the file starts with this version's header; False when it holds only part of it."""
+        if not data:
+            return True
+        first, newline, _ = data.partition(b"\n")
+        if newline and first.decode("utf-8", errors="replace").rstrip("\r") == _HEADER[:-1]:
+            return True
+        if not newline and _HEADER.encode("utf-8").startswith(first):
+            return False
+        raise LedgerError(
+            f"{self.path} has columns from another version of the harness; move it aside "
+            f"(for example to {self.path.name}.old) and run again.")
+
+    @staticmethod
+    def _cut_line_start(data: bytes) -> int | None:
+        """Byte offset of the last line when it lacks its newline or has too few fields; None when complete."""
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data):
+            return complete
+        previous = data.rfind(b"\n", 0, complete - 1) + 1
+        if previous == 0:
+            return None
+        last = data[previous:complete].decode("utf-8", errors="replace")
+        return previous if last.strip() and len(_fields(last)) < len(COLUMNS) else None
