@@ -1,0 +1,68 @@
+"""The loop's settings: one pydantic model whose fields document themselves, built from the CLI."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from agent.stops import UserError
+
+DEMO_BUDGET = 20.0        # seconds of training per demo run
+DEMO_EXPERIMENTS = 3      # experiments a demo runs after its baselines
+STARTUP_ALLOWANCE = {"cpu": 120.0, "gpu": 300.0}  # seconds for imports, compilation and the final eval
+
+
+def default_tag(today: datetime.date | None = None) -> str:
+    """The date as autoresearch writes it, e.g. 'nov28'."""
+    today = today or datetime.date.today()
+    return today.strftime("%b%d").lower()
+
+
+class LoopConfig(BaseModel):
+    """Everything one invocation of the loop needs to know."""
+
+    repo_root: Path = Field(description="the user's repository (holds train.py, prepare.py, experiments.tsv)")
+    tag: str = Field(description="names the branch autoresearch/<tag>, the worktree and runs/<tag>")
+    proposer: Literal["backlog", "claude", "auto"] = Field("auto", description="who edits train.py; auto = claude when ANTHROPIC_API_KEY is set")
+    backlog: Path = Field(description="the experiment backlog (markdown tables, see agent/backlog.md)")
+    max_experiments: int | None = Field(None, ge=0, description="experiments run in this invocation, baselines not counted")
+    max_hours: float | None = Field(None, gt=0, description="no new experiment starts after this many hours")
+    preset: Literal["cpu", "gpu"] = Field(description="prepare.py's preset: model size, data, budget")
+    time_budget: float | None = Field(None, gt=0, description="training seconds per run; None = the preset's")
+    baseline_repeats: int = Field(2, ge=1, description="baseline runs with different seeds; their spread is the noise floor")
+    judge: Literal["noise", "greedy"] = Field("noise", description="noise: beat the best by k sigma; greedy: any improvement")
+    k: float = Field(2.0, gt=0, description="how many sigmas a candidate must beat the best by")
+    min_delta: float | None = Field(None, ge=0, description="the smallest improvement worth keeping; stands in for k sigma when sigma is unknown")
+    confirm_margin: float = Field(0.5, ge=0, description="re-run a candidate whose delta lies within this fraction of the threshold of it")
+    max_crashes: int = Field(3, ge=1, description="stop after this many consecutive crashes")
+    repair_attempts: int = Field(2, ge=0, description="conversations in which an LLM proposer may repair its crashed edit")
+    seed: int = Field(42, description="seed of the first baseline; candidates reuse it (common random numbers)")
+    cache: Path | None = Field(None, description="AUTORESEARCH_CACHE for prepare.py and train.py")
+    timeout: float | None = Field(None, gt=0, description="seconds before a run is killed; None = 2.5 x budget + startup allowance")
+    demo: bool = Field(False, description="offline demo: cpu preset, builtin data prepared if missing, short budget")
+    model: str | None = Field(None, description="Claude model for --proposer claude (or AUTORESEARCH_MODEL)")
+    max_cost: float | None = Field(None, gt=0, description="USD the Claude proposer may spend on this tag")
+    prices: Path | None = Field(None, description="JSON file of per-model prices (USD per million tokens)")
+    python: str = Field(description="the interpreter that runs prepare.py and train.py")
+
+    @model_validator(mode="after")
+    def _sigma_or_min_delta(self) -> LoopConfig:
+        if self.judge == "noise" and self.baseline_repeats == 1 and self.min_delta is None:
+            raise UserError("--baseline-repeats 1 leaves the noise floor unknown: give --min-delta, "
+                            "the smallest val_bpb improvement worth keeping (e.g. --min-delta 0.005).")
+        return self
+
+    @property
+    def startup_allowance(self) -> float:
+        return STARTUP_ALLOWANCE[self.preset]
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.repo_root / "experiments.tsv"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.repo_root / "runs" / self.tag
