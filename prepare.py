@@ -205,7 +205,7 @@ def download(url, path, attempts=5, backoff=2.0):
                 response.raise_for_status()
                 mode = "ab" if have and response.status_code == 206 else "wb"
                 with open(partial, mode) as f:
-                    for chunk in response.iter_content(chunk_size=1 << 20):
+                    for chunk in response.iter_content(chunk_size=1 << 16):  # small: a cut read loses its chunk
                         f.write(chunk)
             os.replace(partial, path)
             return
@@ -434,10 +434,11 @@ def _document_batches(split, seed):
 
 def make_dataloader(tokenizer, B, T, split, seed=None, device=None, buffer_size=1000):
     """
-    Yields (inputs, targets, epoch) of shape (B, T). Every row starts with BOS; documents are
-    packed best-fit (the longest piece that still fits), and when none fits the shortest is
-    cropped to fill the row exactly, as upstream. Documents longer than a row are cut into
-    BOS-prefixed pieces of T tokens first, so long files feed many rows instead of one.
+    Yields (inputs, targets, epoch) of shape (B, T). Every row starts with BOS and there is no
+    padding. Documents longer than a row are cut into BOS-prefixed pieces of T tokens, so a long
+    file feeds many rows instead of one cropped row. A row opens with the oldest piece in the
+    buffer; the space left is packed best-fit (the longest piece that still fits), and when none
+    fits the shortest piece is cropped to fill the row exactly, as upstream.
     split: "train", "val", or "meta" (a held-out slice of the training stream, never trained on).
     """
     assert split in ("train", "val", "meta")
@@ -465,14 +466,17 @@ def make_dataloader(tokenizer, B, T, split, seed=None, device=None, buffer_size=
                 while len(pieces) < buffer_size:
                     refill()
                 remaining = row_capacity - pos
-                best, best_len = -1, 0
-                for i, piece in enumerate(pieces):
-                    if best_len < len(piece) <= remaining:
-                        best, best_len = i, len(piece)
-                        if best_len == remaining:
-                            break
-                if best < 0:
-                    best = min(range(len(pieces)), key=lambda i: len(pieces[i]))
+                if pos == 0:
+                    best = 0  # a row opens with the oldest piece, so documents stream in order
+                else:
+                    best, best_len = -1, 0
+                    for i, piece in enumerate(pieces):
+                        if best_len < len(piece) <= remaining:
+                            best, best_len = i, len(piece)
+                            if best_len == remaining:
+                                break
+                    if best < 0:
+                        best = min(range(len(pieces)), key=lambda i: len(pieces[i]))
                 piece = pieces.pop(best)[:remaining]
                 rows[r, pos:pos + len(piece)] = torch.tensor(piece, dtype=torch.long)
                 pos += len(piece)

@@ -32,6 +32,7 @@ from pydantic import ValidationError  # noqa: E402
 from agent.backlog import BacklogItem, load_backlog  # noqa: E402
 from agent.branch import ExperimentBranch, require_clean  # noqa: E402
 from agent.config import DEMO_BUDGET, DEMO_EXPERIMENTS, LoopConfig, default_tag  # noqa: E402
+from agent.guard import Guard  # noqa: E402
 from agent.judge import JUDGES, NoiseFloor, noise_floor  # noqa: E402
 from agent.ledger import Ledger  # noqa: E402
 from agent.limits import BacklogExhausted, Limits  # noqa: E402
@@ -49,12 +50,15 @@ class Data:
 
     fingerprint: str
     time_budget: float
+    files: tuple[str, ...]  # every file the data and the tokenizer live in (the guard pins them)
 
 
 def prepared_data(config: LoopConfig, env: dict[str, str]) -> Data:
     """Ask the user's prepare.py about its cache; in demo mode prepare the builtin corpus if missing."""
-    query = ("import json, prepare; m = prepare.load_manifest(); "
-             "print(json.dumps({'fingerprint': m['fingerprint'], 'budget': prepare.TIME_BUDGET}))")
+    query = ("import json, os, prepare; m = prepare.load_manifest(); "
+             "files = m['train'] + m['val'] + [os.path.join(m['dir'], f) for f in "
+             "('prepared.json', 'tokenizer.pkl', 'token_bytes.pt')]; "
+             "print(json.dumps({'fingerprint': m['fingerprint'], 'budget': prepare.TIME_BUDGET, 'files': files}))")
 
     def ask() -> subprocess.CompletedProcess:
         return subprocess.run([config.python, "-c", query], cwd=config.repo_root, env=env, capture_output=True, text=True)
@@ -68,7 +72,7 @@ def prepared_data(config: LoopConfig, env: dict[str, str]) -> Data:
         message = lines[-1] if lines else "prepare.py failed"
         raise UserError(message.split("PrepareError: ")[-1])
     data = json.loads(answer.stdout.strip().splitlines()[-1])
-    return Data(data["fingerprint"], float(data["budget"]))
+    return Data(data["fingerprint"], float(data["budget"]), tuple(data["files"]))
 
 
 class Loop:
@@ -95,6 +99,10 @@ class Loop:
         self.time_budget = config.time_budget or self.data.time_budget
         self.timeout = config.timeout or default_timeout(self.time_budget, config.startup_allowance)
         self.branch = ExperimentBranch.open(config.repo_root, config.tag)
+        self.guard = Guard(config.repo_root, self.branch.path, self.data.files, python=config.python,
+                           env=training_env(preset=config.preset, time_budget=self.time_budget, seed=config.seed,
+                                            run_dir=config.runs_dir, cache=config.cache),
+                           preset=config.preset)
         self.pid_file = config.runs_dir / "train.pid"
         if kill_stale(self.pid_file):
             view.note("killed a training run that a previous, killed loop left behind")
@@ -139,14 +147,31 @@ class Loop:
 
     # -- one run of train.py -----------------------------------------------------------------
 
-    def train(self, name: str, description: str, seed: int) -> RunOutcome:
+    def train(self, name: str, description: str, seed: int) -> tuple[RunOutcome, str | None]:
+        """One run of train.py in the worktree; the outcome and what the guard found wrong, if anything."""
         run_dir = self.config.runs_dir / name
         env = training_env(preset=self.config.preset, time_budget=self.time_budget, seed=seed, run_dir=run_dir,
                            cache=self.config.cache)
+        if self.guard.check_files():
+            self.restore_files()
         self.view.started(name, description)
-        return run_training(self.branch.path, env, run_dir / "train.log", self.timeout,
-                            on_progress=self.view.progress, command=(self.config.python, "train.py"),
-                            pid_file=self.pid_file)
+        outcome = run_training(self.branch.path, env, run_dir / "train.log", self.timeout,
+                               on_progress=self.view.progress, command=(self.config.python, "train.py"),
+                               pid_file=self.pid_file)
+        problem = self.guard.check_files()
+        if problem:
+            self.restore_files()
+        elif outcome.status == "ok":
+            problem = self.guard.check_time(outcome, self.time_budget)
+        return outcome, problem
+
+    def restore_files(self) -> None:
+        """Put prepare.py back (git); a changed data cache cannot be trusted, so the loop stops."""
+        self.branch.repo.git.checkout("--", "prepare.py")
+        self.branch.reset(self.branch.head())
+        if not self.guard.data_intact():
+            raise LoopStop("the prepared data changed during a run; rebuild it with python prepare.py --force, "
+                           "then resume with the same tag.")
 
     def record(self, row: dict[str, object]) -> None:
         row.setdefault("tag", self.config.tag)
@@ -189,13 +214,15 @@ class Loop:
             index = len(self.baselines)
             seed = self.config.seed + index
             name = f"{len(self.rows()) + 1:03d}-baseline"
-            outcome = self.train(name, f"baseline {index + 1}/{self.config.baseline_repeats} (seed {seed})", seed)
+            outcome, problem = self.train(name, f"baseline {index + 1}/{self.config.baseline_repeats} (seed {seed})", seed)
             row = dict(commit=self.base_commit[:7], experiment="baseline", seed=seed, parent=self.base_commit[:7],
                        description=f"baseline {index + 1}/{self.config.baseline_repeats}", **self.measured(outcome))
-            if outcome.status != "ok":
-                self.record(dict(row, status=outcome.status, reason=outcome.reason))
-                raise UserError(f"the baseline run failed ({outcome.reason}); read {outcome.log_path}, fix train.py "
-                                f"on your branch and commit it, then start the loop again.")
+            if outcome.status == "ok" and not problem and index == 0:
+                problem, _ = self.guard.verify(self.config.runs_dir / name, outcome.summary.val_bpb)
+            if outcome.status != "ok" or problem:
+                self.record(dict(row, status="invalid" if problem else outcome.status, reason=problem or outcome.reason))
+                raise UserError(f"the baseline run failed ({problem or outcome.reason}); read {outcome.log_path}, "
+                                f"fix train.py on your branch and commit it, then start the loop again.")
             self.record(dict(row, status="keep", reason=f"baseline run {index + 1} (seed {seed})"))
             self.derive(self.rows())
 
@@ -243,45 +270,67 @@ class Loop:
             self.done.add(proposal.experiment)
             return
         sha = self.branch.commit(f"{proposal.experiment}: {proposal.description}", {"train.py": proposal.train_py})
+        refused = self.guard.check_scope(self.branch.changed_paths(parent, sha)) or self.guard.check_source(proposal.train_py)
+        if refused:
+            self.finish(name, sha, parent, dict(base, commit=sha[:7], status="invalid", reason=f"not run: {refused}"))
+            return
         self.experiments_run += 1
-        outcome = self.train(name, proposal.description, self.config.seed)
+        outcome, problem = self.train(name, proposal.description, self.config.seed)
         attempts = 0
         while outcome.status == "crash" and attempts < self.config.repair_attempts and hasattr(proposer, "repair"):
             attempts += 1
             fixed = proposer.repair(state, proposal, outcome.tail, attempts)
-            if not isinstance(fixed, Proposal) or syntax_problem(fixed.train_py):
+            if not isinstance(fixed, Proposal) or syntax_problem(fixed.train_py) or self.guard.check_source(fixed.train_py):
                 break
             self.branch.keep_ref(sha, f"{name}-attempt{attempts}")
             proposal = fixed
             sha = self.branch.amend(f"{proposal.experiment}: {proposal.description}", {"train.py": proposal.train_py})
-            outcome = self.train(f"{name}-repair{attempts}", proposal.description, self.config.seed)
+            name = f"{n:03d}-{proposal.experiment}-repair{attempts}"
+            outcome, problem = self.train(name, proposal.description, self.config.seed)
         added, removed = self.branch.line_changes(parent, sha)
         row = dict(base, commit=sha[:7], description=proposal.description, lines_added=added, lines_removed=removed,
                    attempts=attempts, **self.measured(outcome))
-        if outcome.status != "ok":
-            status, reason = outcome.status, outcome.reason + (f" (after {attempts} repair attempts)" if attempts else "")
+        repaired = f" (after {attempts} repair attempts)" if attempts else ""
+        if problem:
+            status, reason = "invalid", problem
+        elif outcome.status != "ok":
+            status, reason = outcome.status, outcome.reason + repaired
         else:
             values = [outcome.summary.val_bpb]
             verdict = self.judge(values, best, added, removed)
-            if verdict.status == "confirm":
-                again = self.train(f"{name}-confirm", f"confirming {proposal.description}", self.config.seed)
-                if again.status == "ok":
+            status, reason = verdict.status, verdict.reason
+            if status == "confirm":
+                again, problem = self.train(f"{name}-confirm", f"confirming {proposal.description}", self.config.seed)
+                if problem:
+                    status, reason = "invalid", f"confirming re-run: {problem}"
+                elif again.status != "ok":
+                    status, reason = "discard", f"the confirming re-run failed: {again.reason}"
+                else:
+                    outcome = again
                     values.append(again.summary.val_bpb)
                     verdict = self.judge(values, best, added, removed)
+                    status, reason = verdict.status, verdict.reason
                     row.update(val_bpb=statistics.fmean(values))
-                else:
-                    verdict = type(verdict)("discard", f"the confirming re-run failed: {again.reason}")
-            status, reason = verdict.status, verdict.reason
             row["delta"] = statistics.fmean(values) - best
-        self.crashes_in_a_row = self.crashes_in_a_row + 1 if status == "crash" else 0
+            if status == "keep":
+                problem, _ = self.guard.verify(outcome.log_path.parent, outcome.summary.val_bpb)
+                if problem:
+                    status, reason = "invalid", f"{problem} (the judge would have kept it: {reason})"
+        self.finish(name, sha, parent, dict(row, status=status, reason=reason))
+
+    def finish(self, name: str, sha: str, parent: str, row: dict[str, object]) -> None:
+        """Keep the commit under a ref, record the row, then advance the best or go back to it."""
+        self.crashes_in_a_row = self.crashes_in_a_row + 1 if row["status"] == "crash" else 0
         self.branch.keep_ref(sha, name)
-        self.record(dict(row, status=status, reason=reason))
-        self.done.add(proposal.experiment)
-        if status == "keep":
+        self.record(row)
+        self.done.add(str(row["experiment"]))
+        if row["status"] == "keep":
             self.best_commit, self.best_val = sha, float(row["val_bpb"])
             self.view.best(self.best_val, self.floor.describe())
         else:
             self.branch.reset(parent)
+            for checkpoint in (self.config.runs_dir).glob(f"{name.split('-')[0]}-*/checkpoint.pt"):
+                checkpoint.unlink()
 
     def judge(self, values: list[float], best: float, added: int, removed: int):
         c = self.config

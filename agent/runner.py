@@ -80,9 +80,14 @@ class RunOutcome:
     reason: str
     returncode: int | None
     wall_seconds: float
-    progress_seconds: float | None
+    progress_times: tuple[float, ...]  # when each progress line arrived, seconds after the start
     log_path: Path
     tail: str
+
+    @property
+    def progress_seconds(self) -> float | None:
+        """Training time by the runner's own clock: first to last progress line."""
+        return self.progress_times[-1] - self.progress_times[0] if self.progress_times else None
 
 
 def _proc_stat(pid: int) -> list[str] | None:
@@ -260,18 +265,15 @@ def run_training(
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_read_output, args=(process.stdout, log, lines), daemon=True)
     reader.start()
-    first_progress: float | None = None
-    last_progress: float | None = None
+    progress_times: list[float] = []
 
     def handle(item: tuple[float, str]) -> None:
-        nonlocal first_progress, last_progress
         arrived, line = item
         if on_line is not None:
             on_line(line)
         progress = parse_progress(line)
         if progress is not None:
-            first_progress = arrived if first_progress is None else first_progress
-            last_progress = arrived
+            progress_times.append(arrived - started)
             if on_progress is not None:
                 on_progress(progress)
 
@@ -329,7 +331,7 @@ def run_training(
         reason=reason,
         returncode=returncode,
         wall_seconds=time.monotonic() - started,
-        progress_seconds=None if first_progress is None else last_progress - first_progress,
+        progress_times=tuple(progress_times),
         log_path=log_path,
         tail="\n".join(tail_lines[-_TAIL_LINES:]),
     )

@@ -1,0 +1,329 @@
+"""The integrity guard: the metric stays out of the agent's reach.
+
+An agent rewarded for a lower val_bpb will find every way to get one, honest or not. The guard
+refuses or invalidates runs that could fake, leak or stretch their way to a keep:
+  - scope: an experiment's commit changes train.py and nothing else;
+  - files: prepare.py and the prepared data match the fingerprints pinned when the loop started,
+    before and after every run (a run can write files);
+  - static checks on train.py before it runs: no route to the validation split or the evaluation's
+    internals, no override of the AUTORESEARCH_* settings or prepare's constants, no tampering with
+    the functions the metric uses;
+  - time: the runner's own clock, not the summary, says how long a run trained;
+  - before a keep: the checkpoint re-evaluated in a fresh process by prepare.evaluate must give the
+    reported val_bpb, and changing future tokens must not move earlier logits (causality probe).
+Each check returns None or one line naming the check and its numbers; a failure makes the run
+`invalid` with that line as its reason.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import statistics
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.runner import RunOutcome
+
+ALLOWED_FROM_PREPARE = frozenset({
+    "MAX_SEQ_LEN", "TIME_BUDGET", "EVAL_TOKENS", "VOCAB_SIZE", "PRESET", "PRESETS",
+    "Tokenizer", "make_dataloader", "evaluate", "data_fingerprint", "PrepareError",
+})
+TRAINING_SPLITS = frozenset({"train", "meta"})
+FORBIDDEN_MODULES = frozenset({
+    "importlib", "ctypes", "builtins", "inspect", "subprocess", "shutil", "glob", "socket",
+    "urllib", "http", "requests", "pyarrow", "pandas", "datasets", "pickle",
+})
+FORBIDDEN_CALLS = frozenset({"exec", "eval", "compile", "__import__", "globals", "vars", "delattr"})
+FORBIDDEN_STRINGS = ("val.parquet", "prepared.json", "token_bytes.pt", "shard_06542", "AUTORESEARCH_CACHE")
+# Attribute assignments on these are tuning knobs, not tampering.
+TUNABLE_ATTRIBUTE_ROOTS = ("torch.backends.", "torch._dynamo.config.", "torch._inductor.config.",
+                           "torch._functorch.config.")
+ENVIRONMENT_WRITES = frozenset({"update", "setdefault", "pop", "popitem", "clear", "__setitem__", "__delitem__"})
+FILE_CHANGING_CALLS = frozenset({"os.remove", "os.rename", "os.replace", "os.unlink", "os.rmdir", "os.chmod", "os.truncate"})
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """'os.environ.get' for an Attribute/Name chain, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+        return ".".join(reversed(parts))
+    return None
+
+
+def _targets(node: ast.AST) -> Iterable[ast.AST]:
+    if isinstance(node, (ast.Assign,)):
+        for target in node.targets:
+            yield from _flatten(target)
+    elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+        yield from _flatten(node.target)
+    elif isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)):
+        yield from _flatten(node.target)
+    elif isinstance(node, (ast.With, ast.AsyncWith)):
+        for item in node.items:
+            if item.optional_vars is not None:
+                yield from _flatten(item.optional_vars)
+    elif isinstance(node, ast.NamedExpr):
+        yield node.target
+
+
+def _flatten(target: ast.AST) -> Iterable[ast.AST]:
+    if isinstance(target, (ast.Tuple, ast.List)):
+        for element in target.elts:
+            yield from _flatten(element)
+    elif isinstance(target, ast.Starred):
+        yield from _flatten(target.value)
+    else:
+        yield target
+
+
+def _module_level(tree: ast.Module) -> Iterable[ast.AST]:
+    """Nodes that run in the module's own scope (not inside functions or classes)."""
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue
+        yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def _docstrings(tree: ast.Module) -> set[int]:
+    ids = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                ids.add(id(first.value))
+    return ids
+
+
+def static_problems(source: str) -> list[str]:
+    """What in train.py's source could reach the metric; empty when it is clean."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as e:
+        return [f"train.py does not parse: line {e.lineno}: {e.msg}"]
+    problems: list[str] = []
+    from_prepare: set[str] = set()
+    modules: set[str] = set()  # names bound to imported modules
+    evaluate_calls = 0
+
+    def flag(node: ast.AST, text: str) -> None:
+        problems.append(f"line {getattr(node, 'lineno', '?')}: {text}")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                root = alias.name.split(".")[0]
+                modules.add(alias.asname or root)
+                if root == "prepare":
+                    flag(node, "imports the prepare module object; use `from prepare import <name>`")
+                elif root in FORBIDDEN_MODULES:
+                    flag(node, f"imports {alias.name}, which train.py has no use for but a metric hack does")
+        elif isinstance(node, ast.ImportFrom):
+            root = (node.module or "").split(".")[0]
+            if root == "prepare":
+                for alias in node.names:
+                    if alias.name not in ALLOWED_FROM_PREPARE:
+                        flag(node, f"imports prepare.{alias.name}, an internal of the data or the evaluation")
+                    from_prepare.add(alias.asname or alias.name)
+            elif root in FORBIDDEN_MODULES:
+                flag(node, f"imports from {node.module}, which train.py has no use for but a metric hack does")
+            else:
+                modules.update(alias.asname or alias.name for alias in node.names
+                               if alias.name in ("functional", "nn", "environ", "path"))
+    for node in _module_level(tree):
+        for target in _targets(node):
+            if isinstance(target, ast.Name) and target.id in from_prepare:
+                flag(node, f"rebinds {target.id}, a constant or function of prepare.py")
+    docstrings = _docstrings(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global):
+            for name in set(node.names) & from_prepare:
+                flag(node, f"declares {name} global, to rebind a constant or function of prepare.py")
+        for target in _targets(node):
+            if isinstance(target, (ast.Attribute, ast.Subscript)):
+                name = _dotted(target.value if isinstance(target, ast.Subscript) else target) or ""
+                root = name.split(".")[0]
+                if name.startswith("os.environ") or name == "environ":
+                    flag(node, "writes os.environ; the AUTORESEARCH_* settings are the harness's")
+                elif isinstance(target, ast.Attribute) and (root in modules or root in from_prepare) \
+                        and not name.startswith(TUNABLE_ATTRIBUTE_ROOTS):
+                    flag(node, f"assigns {name}, an attribute of an imported module")
+        if isinstance(node, ast.Call):
+            func = _dotted(node.func) or ""
+            base = func.split(".")[-1]
+            if func in FORBIDDEN_CALLS:
+                flag(node, f"calls {func}()")
+            elif func in ("os.putenv", "os.unsetenv") or (func.startswith("os.environ.") and base in ENVIRONMENT_WRITES):
+                flag(node, f"calls {func}(); the AUTORESEARCH_* settings are the harness's")
+            elif func in ("setattr", "getattr") and len(node.args) >= 2 and not isinstance(node.args[1], ast.Constant):
+                flag(node, f"calls {func}() with a computed attribute name")
+            elif func == "setattr" and node.args and (_dotted(node.args[0]) or "").split(".")[0] in modules | from_prepare:
+                flag(node, "calls setattr() on an imported module")
+            elif base in ("write_text", "write_bytes") or func in FILE_CHANGING_CALLS:
+                flag(node, f"calls {func}(), which changes files")
+            elif func == "open" and _opens_for_writing(node):
+                flag(node, "opens a file for writing; a run may only write its checkpoint (torch.save)")
+            elif base == "make_dataloader":
+                split = node.args[3] if len(node.args) >= 4 else next((k.value for k in node.keywords if k.arg == "split"), None)
+                if not (isinstance(split, ast.Constant) and split.value in TRAINING_SPLITS):
+                    shown = ast.unparse(split) if split is not None else "nothing"
+                    flag(node, f"calls make_dataloader with split {shown}; training may read only 'train' or 'meta'")
+            elif base == "evaluate":
+                evaluate_calls += 1
+        if isinstance(node, ast.Attribute) and node.attr in ("modules", "__dict__", "__globals__", "__builtins__", "__code__"):
+            if node.attr != "modules" or _dotted(node.value) == "sys":
+                flag(node, f"reaches {ast.unparse(node)}, a way around the module boundary")
+        if isinstance(node, ast.Name) and node.id in ("__builtins__",):
+            flag(node, "reaches __builtins__")
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            hit = next((s for s in FORBIDDEN_STRINGS if s in node.value), None)
+            if hit:
+                flag(node, f"mentions {hit!r}, a path into the prepared data")
+    if evaluate_calls > 1:
+        problems.append(f"calls evaluate {evaluate_calls} times; one final evaluation is all a run may see of the validation split")
+    return problems
+
+
+def _opens_for_writing(call: ast.Call) -> bool:
+    mode = call.args[1] if len(call.args) >= 2 else next((k.value for k in call.keywords if k.arg == "mode"), None)
+    if mode is None:
+        return False
+    if isinstance(mode, ast.Constant) and isinstance(mode.value, str):
+        return any(c in mode.value for c in "wax+")
+    return True  # a computed mode could be anything
+
+
+def file_digest(paths: Iterable[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class GuardCosts:
+    """Seconds each check has cost so far (for the closing note and bench/guard_cost.py)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def add(self, check: str, seconds: float) -> None:
+        self.seconds[check] = self.seconds.get(check, 0.0) + seconds
+        self.calls[check] = self.calls.get(check, 0) + 1
+
+
+class Guard:
+    """The checks of one loop, with prepare.py and the data pinned when it starts."""
+
+    def __init__(self, repo_root: Path, worktree: Path, data_files: Iterable[str | Path], *, python: str,
+                 env: Mapping[str, str], preset: str, reeval_tolerance: float | None = None,
+                 probe_tolerance: float | None = None) -> None:
+        self.repo_root = Path(repo_root)
+        self.worktree = Path(worktree)
+        self.data_files = sorted(Path(p) for p in data_files)
+        self.python = python
+        self.env = dict(env)
+        self.reeval_tolerance = reeval_tolerance if reeval_tolerance is not None else (0.005 if preset == "gpu" else 1e-4)
+        self.probe_tolerance = probe_tolerance if probe_tolerance is not None else (1e-3 if preset == "gpu" else 1e-4)
+        self.costs = GuardCosts()
+        t0 = time.perf_counter()
+        self.prepare_sha = file_digest([self.repo_root / "prepare.py"])
+        self.data_sha = file_digest(self.data_files)
+        self.costs.add("pin", time.perf_counter() - t0)
+
+    def _timed(self, check: str, t0: float) -> None:
+        self.costs.add(check, time.perf_counter() - t0)
+
+    def check_scope(self, changed_paths: list[str]) -> str | None:
+        others = [p for p in changed_paths if p != "train.py"]
+        if others:
+            return f"scope: the proposal changes {', '.join(others)}; an experiment may change only train.py"
+        return None
+
+    def check_source(self, source: str) -> str | None:
+        t0 = time.perf_counter()
+        problems = static_problems(source)
+        self._timed("static", t0)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            return f"static check: train.py {problems[0]}{more}"
+        return None
+
+    def check_files(self) -> str | None:
+        """prepare.py (in the worktree the run imports it from) and the prepared data, against the pins."""
+        t0 = time.perf_counter()
+        try:
+            problems = []
+            prepare_sha = file_digest([self.worktree / "prepare.py"])
+            if prepare_sha != self.prepare_sha:
+                problems.append(f"prepare.py changed (sha256 {self.prepare_sha[:12]} -> {prepare_sha[:12]})")
+            missing = [p for p in self.data_files if not p.exists()]
+            if missing:
+                problems.append(f"the prepared data lost {missing[0]}")
+            else:
+                data_sha = file_digest(self.data_files)
+                if data_sha != self.data_sha:
+                    problems.append(f"the prepared data changed (sha256 {self.data_sha[:12]} -> {data_sha[:12]})")
+            return "files: " + "; ".join(problems) if problems else None
+        finally:
+            self._timed("files", t0)
+
+    def data_intact(self) -> bool:
+        return all(p.exists() for p in self.data_files) and file_digest(self.data_files) == self.data_sha
+
+    @staticmethod
+    def check_time(outcome: RunOutcome, budget: float) -> str | None:
+        """The runner's clock: progress lines must span no more than the budget plus a small allowance."""
+        times = outcome.progress_times
+        if len(times) < 2:
+            return "time: the run printed fewer than two progress lines, so its training time cannot be measured"
+        span = times[-1] - times[0]
+        steps = [b - a for a, b in zip(times, times[1:])]
+        allowance = max(0.05 * budget, 3 * statistics.median(steps)) + 2.0
+        if span > budget + allowance:
+            return (f"time: progress lines span {span:.1f} s by the runner's clock, over the {budget:g} s budget "
+                    f"+ {allowance:.1f} s allowance")
+        reported = outcome.summary.number("training_seconds") if outcome.summary else float("nan")
+        if reported + allowance < span:
+            return f"time: the summary claims {reported:.1f} s of training but progress lines span {span:.1f} s"
+        return None
+
+    def verify(self, run_dir: Path, reported: float) -> tuple[str | None, dict]:
+        """Re-evaluate the checkpoint in a fresh process and probe causality; (problem, details)."""
+        t0 = time.perf_counter()
+        checkpoint = run_dir / "checkpoint.pt"
+        try:
+            if not checkpoint.exists():
+                return f"re-evaluation: no checkpoint at {checkpoint}; train.py must save it to AUTORESEARCH_RUN_DIR", {}
+            result = subprocess.run([self.python, str(self.repo_root / "agent" / "verify.py"), str(checkpoint)],
+                                    cwd=self.worktree, env=self.env, capture_output=True, text=True)
+            (run_dir / "verify.log").write_text(result.stdout + result.stderr)
+            if result.returncode != 0:
+                last = [line for line in result.stderr.splitlines() if line.strip()][-1:] or ["no output"]
+                return f"re-evaluation: the checkpoint could not be re-evaluated ({last[0][:200]})", {}
+            details = json.loads(result.stdout.strip().splitlines()[-1])
+        finally:
+            self._timed("verify", t0)
+        if details["tampered"]:
+            return f"re-evaluation: importing train.py replaced {', '.join(details['tampered'])}", details
+        if abs(details["val_bpb"] - reported) > self.reeval_tolerance:
+            return (f"re-evaluation: the run reported val_bpb {reported:.6f} but its checkpoint re-evaluates to "
+                    f"{details['val_bpb']:.6f} (tolerance {self.reeval_tolerance:g})"), details
+        if details["probe_max_deviation"] > self.probe_tolerance:
+            return (f"causality: changing the tokens after position {details['probe_position']} moved earlier logits by "
+                    f"up to {details['probe_max_deviation']:.3g} (tolerance {self.probe_tolerance:g}); the model reads the future"), details
+        return None, details

@@ -1,0 +1,85 @@
+"""
+Re-evaluate a run's checkpoint in a fresh process with prepare.py's evaluation, then probe the
+model for causality. The guard runs it with the experiment's worktree as the working directory:
+
+    python agent/verify.py CHECKPOINT [--batch N] [--sequences 4] [--positions 3]
+
+It prints one JSON line: the re-evaluated metrics, the causality probe's largest deviation, and any
+function of prepare.py or torch that importing train.py replaced (a way to fake the metric).
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.getcwd())
+import prepare  # noqa: E402  the worktree's prepare.py, whose hash the guard pinned
+
+
+def _watched():
+    """(module, label, name, function) for what the metric depends on, captured before train.py runs."""
+    watched = [(prepare, "prepare", name, getattr(prepare, name)) for name in dir(prepare)
+               if callable(getattr(prepare, name)) and not name.startswith("__")]
+    watched += [(F, "F", name, getattr(F, name)) for name in ("cross_entropy", "log_softmax", "softmax", "nll_loss")]
+    watched += [(torch, "torch", name, getattr(torch, name)) for name in ("exp", "log", "argmax", "no_grad")]
+    return watched
+
+
+def probe_causality(model, tokens, positions, generator):
+    """Largest change of the logits at positions <= t when every token after t is replaced."""
+    worst, where = 0.0, None
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        base = model(tokens).float()
+        T = tokens.size(1)
+        for t in positions:
+            changed = tokens.clone()
+            changed[:, t + 1:] = torch.randint(0, vocab, (tokens.size(0), T - t - 1), generator=generator).to(tokens.device)
+            deviation = (model(changed).float()[:, :t + 1] - base[:, :t + 1]).abs().max().item()
+            if deviation > worst or where is None:
+                worst, where = deviation, t
+    return worst, where
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint")
+    parser.add_argument("--batch", type=int, default=None, help="evaluation rows per forward (default: train.py's)")
+    parser.add_argument("--sequences", type=int, default=4)
+    parser.add_argument("--positions", type=int, default=3)
+    args = parser.parse_args()
+    watched = _watched()
+    pinned = {f"{label}.{name}": fn for _, label, name, fn in watched}
+    import train  # the experiment's model code; its training loop does not run on import
+
+    tampered = sorted(f"{label}.{name}" for module, label, name, fn in watched if getattr(module, name, None) is not fn)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = train.load_checkpoint(args.checkpoint, device)
+    model.eval()
+    tokenizer = prepare.Tokenizer.from_directory()
+    batch = args.batch or getattr(train, "EVAL_BATCH_SIZE", 4)
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    with autocast:
+        metrics = pinned["prepare.evaluate"](model, tokenizer, batch, device=device)
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    generator = torch.Generator().manual_seed(1234)
+    loader = pinned["prepare.make_dataloader"](tokenizer, args.sequences, prepare.MAX_SEQ_LEN, "val", device=device)
+    tokens, _, _ = next(loader)
+    rng = random.Random(1234)
+    positions = sorted(rng.sample(range(0, prepare.MAX_SEQ_LEN - 1), args.positions))
+    deviation, position = probe_causality(model, tokens, positions, generator)
+    print(json.dumps(dict(metrics, probe_max_deviation=deviation, probe_position=position,
+                          probe_positions=positions, probe_sequences=args.sequences, tampered=tampered,
+                          device=device.type)))
+
+
+if __name__ == "__main__":
+    main()
