@@ -44,7 +44,11 @@ FORBIDDEN_STRINGS = ("val.parquet", "prepared.json", "token_bytes.pt", "shard_06
 TUNABLE_ATTRIBUTE_ROOTS = ("torch.backends.", "torch._dynamo.config.", "torch._inductor.config.",
                            "torch._functorch.config.")
 ENVIRONMENT_WRITES = frozenset({"update", "setdefault", "pop", "popitem", "clear", "__setitem__", "__delitem__"})
-FILE_CHANGING_CALLS = frozenset({"os.remove", "os.rename", "os.replace", "os.unlink", "os.rmdir", "os.chmod", "os.truncate"})
+FILE_CHANGING_CALLS = frozenset({"os.remove", "os.rename", "os.replace", "os.unlink", "os.rmdir", "os.chmod",
+                                 "os.truncate", "os.open", "os.write", "os.fdopen", "io.open"})
+# Reaching these rewrites what other code does: attribute hooks, operator overrides, module internals.
+FORBIDDEN_ATTRIBUTES = frozenset({"__dict__", "__globals__", "__builtins__", "__code__", "__setattr__",
+                                  "__delattr__", "library"})
 
 
 def _dotted(node: ast.AST) -> str | None:
@@ -160,8 +164,8 @@ def static_problems(source: str) -> list[str]:
                         and not name.startswith(TUNABLE_ATTRIBUTE_ROOTS):
                     flag(node, f"assigns {name}, an attribute of an imported module")
         if isinstance(node, ast.Call):
-            func = _dotted(node.func) or ""
-            base = func.split(".")[-1]
+            base = node.func.attr if isinstance(node.func, ast.Attribute) else _dotted(node.func) or ""
+            func = _dotted(node.func) or f"<...>.{base}"
             if func in FORBIDDEN_CALLS:
                 flag(node, f"calls {func}()")
             elif func in ("os.putenv", "os.unsetenv") or (func.startswith("os.environ.") and base in ENVIRONMENT_WRITES):
@@ -172,7 +176,7 @@ def static_problems(source: str) -> list[str]:
                 flag(node, "calls setattr() on an imported module")
             elif base in ("write_text", "write_bytes") or func in FILE_CHANGING_CALLS:
                 flag(node, f"calls {func}(), which changes files")
-            elif func == "open" and _opens_for_writing(node):
+            elif base == "open" and _opens_for_writing(node, method=func != "open"):
                 flag(node, "opens a file for writing; a run may only write its checkpoint (torch.save)")
             elif base == "make_dataloader":
                 split = node.args[3] if len(node.args) >= 4 else next((k.value for k in node.keywords if k.arg == "split"), None)
@@ -181,8 +185,9 @@ def static_problems(source: str) -> list[str]:
                     flag(node, f"calls make_dataloader with split {shown}; training may read only 'train' or 'meta'")
             elif base == "evaluate":
                 evaluate_calls += 1
-        if isinstance(node, ast.Attribute) and node.attr in ("modules", "__dict__", "__globals__", "__builtins__", "__code__"):
-            if node.attr != "modules" or _dotted(node.value) == "sys":
+        if isinstance(node, ast.Attribute):
+            if node.attr in FORBIDDEN_ATTRIBUTES and (node.attr != "library" or _dotted(node.value) == "torch") \
+                    or node.attr == "modules" and _dotted(node.value) == "sys":
                 flag(node, f"reaches {ast.unparse(node)}, a way around the module boundary")
         if isinstance(node, ast.Name) and node.id in ("__builtins__",):
             flag(node, "reaches __builtins__")
@@ -195,8 +200,10 @@ def static_problems(source: str) -> list[str]:
     return problems
 
 
-def _opens_for_writing(call: ast.Call) -> bool:
-    mode = call.args[1] if len(call.args) >= 2 else next((k.value for k in call.keywords if k.arg == "mode"), None)
+def _opens_for_writing(call: ast.Call, method: bool) -> bool:
+    """open(path, mode) or path.open(mode): a mode that writes, or one the source does not spell out."""
+    position = 0 if method else 1
+    mode = call.args[position] if len(call.args) > position else next((k.value for k in call.keywords if k.arg == "mode"), None)
     if mode is None:
         return False
     if isinstance(mode, ast.Constant) and isinstance(mode.value, str):
@@ -204,14 +211,18 @@ def _opens_for_writing(call: ast.Call) -> bool:
     return True  # a computed mode could be anything
 
 
-def file_digest(paths: Iterable[Path]) -> str:
+def sha256(path: Path) -> str:
+    """The same hex digest as `sha256sum path`."""
     digest = hashlib.sha256()
-    for path in paths:
-        digest.update(Path(path).name.encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
     return digest.hexdigest()
+
+
+def files_digest(paths: Iterable[Path]) -> dict[str, str]:
+    """sha256 of each file, by path."""
+    return {str(path): sha256(Path(path)) for path in paths}
 
 
 @dataclass
@@ -225,9 +236,13 @@ class GuardCosts:
         self.seconds[check] = self.seconds.get(check, 0.0) + seconds
         self.calls[check] = self.calls.get(check, 0) + 1
 
+    def describe(self) -> str:
+        return "guard cost: " + ", ".join(f"{check} {self.seconds[check]:.2f} s ({self.calls[check]}x)"
+                                          for check in self.seconds)
+
 
 class Guard:
-    """The checks of one loop, with prepare.py and the data pinned when it starts."""
+    """The checks of one loop, with prepare.py, the harness and the data pinned when it starts."""
 
     def __init__(self, repo_root: Path, worktree: Path, data_files: Iterable[str | Path], *, python: str,
                  env: Mapping[str, str], preset: str, reeval_tolerance: float | None = None,
@@ -241,8 +256,10 @@ class Guard:
         self.probe_tolerance = probe_tolerance if probe_tolerance is not None else (1e-3 if preset == "gpu" else 1e-4)
         self.costs = GuardCosts()
         t0 = time.perf_counter()
-        self.prepare_sha = file_digest([self.repo_root / "prepare.py"])
-        self.data_sha = file_digest(self.data_files)
+        self.prepare_sha = sha256(self.repo_root / "prepare.py")
+        # The user's checkout holds the code that judges: a run's working directory is inside it.
+        self.harness = files_digest([self.repo_root / "prepare.py", *sorted((self.repo_root / "agent").glob("*.py"))])
+        self.data = files_digest(self.data_files)
         self.costs.add("pin", time.perf_counter() - t0)
 
     def _timed(self, check: str, t0: float) -> None:
@@ -263,27 +280,38 @@ class Guard:
             return f"static check: train.py {problems[0]}{more}"
         return None
 
+    @staticmethod
+    def _changes(pinned: Mapping[str, str]) -> list[tuple[str, str, str | None]]:
+        """(path, pinned sha256, current sha256 or None when gone) for every file that differs."""
+        changes = []
+        for path, pinned_sha in pinned.items():
+            current = sha256(Path(path)) if Path(path).exists() else None
+            if current != pinned_sha:
+                changes.append((path, pinned_sha, current))
+        return changes
+
     def check_files(self) -> str | None:
-        """prepare.py (in the worktree the run imports it from) and the prepared data, against the pins."""
+        """prepare.py where the run imports it, the harness in the user's checkout, and the data, against the pins."""
         t0 = time.perf_counter()
-        try:
-            problems = []
-            prepare_sha = file_digest([self.worktree / "prepare.py"])
-            if prepare_sha != self.prepare_sha:
-                problems.append(f"prepare.py changed (sha256 {self.prepare_sha[:12]} -> {prepare_sha[:12]})")
-            missing = [p for p in self.data_files if not p.exists()]
-            if missing:
-                problems.append(f"the prepared data lost {missing[0]}")
-            else:
-                data_sha = file_digest(self.data_files)
-                if data_sha != self.data_sha:
-                    problems.append(f"the prepared data changed (sha256 {self.data_sha[:12]} -> {data_sha[:12]})")
-            return "files: " + "; ".join(problems) if problems else None
-        finally:
-            self._timed("files", t0)
+        problems = []
+        worktree_sha = sha256(self.worktree / "prepare.py")
+        if worktree_sha != self.prepare_sha:
+            problems.append(f"prepare.py changed (sha256 {self.prepare_sha[:12]} -> {worktree_sha[:12]})")
+        for path, before, now in self._changes(self.harness):
+            where = Path(path).relative_to(self.repo_root)
+            problems.append(f"{where} in your checkout {'is gone' if now is None else 'changed'}"
+                            + (f" (sha256 {before[:12]} -> {now[:12]})" if now else ""))
+        for path, before, now in self._changes(self.data):
+            problems.append(f"the prepared data lost {path}" if now is None else
+                            f"the prepared data changed ({Path(path).name}: sha256 {before[:12]} -> {now[:12]})")
+        self._timed("files", t0)
+        return "files: " + "; ".join(problems) if problems else None
 
     def data_intact(self) -> bool:
-        return all(p.exists() for p in self.data_files) and file_digest(self.data_files) == self.data_sha
+        return not self._changes(self.data)
+
+    def harness_intact(self) -> bool:
+        return not self._changes(self.harness)
 
     @staticmethod
     def check_time(outcome: RunOutcome, budget: float) -> str | None:

@@ -33,6 +33,7 @@ COLUMNS = (
     "preset",            # gpu | cpu; runs are compared only within one preset
     "data_fingerprint",  # the prepared data and tokenizer the run trained and evaluated on
     "seed",              # AUTORESEARCH_SEED of the run
+    "time_budget",       # training seconds the run was given; runs are compared only within one budget
     "training_seconds",  # seconds spent training, from the summary block
     "num_steps",         # optimizer steps taken
     "val_accuracy",      # next-token accuracy on the validation split
@@ -55,7 +56,7 @@ STATUSES = ("keep", "discard", "crash", "timeout", "invalid")
 _FLOAT_FORMATS = {
     "val_bpb": ".6f", "val_loss": ".6f", "delta": ".6f", "sigma": ".6f",
     "memory_gb": ".1f", "cost_usd": ".4f", "val_accuracy": ".6f", "val_perplexity": ".4f",
-    "training_seconds": ".1f", "wall_seconds": ".1f",
+    "training_seconds": ".1f", "wall_seconds": ".1f", "time_budget": "g",
 }
 _INTEGER_COLUMNS = {
     "seed", "num_steps", "lines_added", "lines_removed", "attempts",

@@ -32,11 +32,14 @@ class Limits:
         self.max_crashes = max_crashes
         self.started = time.monotonic()
 
-    def check(self, experiments: int, consecutive_crashes: int) -> None:
+    def check(self, experiments: int, consecutive_crashes: int, consecutive_refusals: int = 0) -> None:
         """Raise the LoopStop that applies, if any, before a new experiment starts."""
         if consecutive_crashes >= self.max_crashes:
             raise CrashLimit(f"{consecutive_crashes} experiments crashed in a row; read the last logs under runs/, "
                              f"fix the cause, then run again with the same tag.")
+        if consecutive_refusals >= self.max_crashes:
+            raise CrashLimit(f"the LLM proposer's last {consecutive_refusals} proposals could not be run; read their "
+                             f"reasons in experiments.tsv, then run again with the same tag.")
         if self.max_experiments is not None and experiments >= self.max_experiments:
             raise ExperimentLimit(f"ran the {self.max_experiments} experiments asked for (--max-experiments).")
         hours = (time.monotonic() - self.started) / 3600

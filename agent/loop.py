@@ -98,6 +98,7 @@ class Loop:
         self.data = prepared_data(config, base_env)
         self.time_budget = config.time_budget or self.data.time_budget
         self.timeout = config.timeout or default_timeout(self.time_budget, config.startup_allowance)
+        self.check_comparable(self.rows())
         self.branch = ExperimentBranch.open(config.repo_root, config.tag)
         self.guard = Guard(config.repo_root, self.branch.path, self.data.files, python=config.python,
                            env=training_env(preset=config.preset, time_budget=self.time_budget, seed=config.seed,
@@ -108,6 +109,8 @@ class Loop:
             view.note("killed a training run that a previous, killed loop left behind")
         self.limits = Limits(config.max_experiments, config.max_hours, config.max_crashes)
         self.experiments_run = 0
+        self.crashes_in_a_row = 0   # in this invocation: a resumed tag gets a fresh allowance
+        self.refusals_in_a_row = 0  # LLM proposals in a row that could not be run
         self.left_for_llm: set[str] = set()
 
     # -- state, derived from the ledger and git ----------------------------------------------
@@ -118,6 +121,18 @@ class Loop:
             self.view.note(problem)
         return [row for row in read.rows if row["tag"] == self.config.tag]
 
+    def check_comparable(self, rows: list[dict[str, str]]) -> None:
+        """A tag's runs share one preset, data fingerprint and budget, or they could not be compared."""
+        first = next((r for r in rows if r["experiment"] == "baseline" and r["status"] == "keep"), None)
+        if first is None:
+            return
+        then = (first["preset"], first["data_fingerprint"], float(first["time_budget"] or self.time_budget))
+        now = (self.config.preset, self.data.fingerprint, self.time_budget)
+        if then != now:
+            raise UserError(f"tag {self.config.tag} was run with preset {then[0]} on data {then[1]} for "
+                            f"{then[2]:g} s, not {now[0]} on {now[1]} for {now[2]:g} s; start a new --tag so runs "
+                            f"are never compared across presets, data or budgets.")
+
     def _full_sha(self, short: str) -> str:
         return self.branch.repo.git.rev_parse(short)
 
@@ -125,12 +140,7 @@ class Loop:
         """Best commit, its value, the noise floor and what is done, from this tag's rows."""
         self.baselines = [r for r in rows if r["experiment"] == "baseline" and r["status"] == "keep"]
         if self.baselines:
-            first = self.baselines[0]
-            if first["preset"] != self.config.preset or first["data_fingerprint"] != self.data.fingerprint:
-                raise UserError(f"tag {self.config.tag} was run with preset {first['preset']} on data "
-                                f"{first['data_fingerprint']}, not {self.config.preset} on {self.data.fingerprint}; "
-                                f"start a new --tag so runs are never compared across presets or data.")
-            self.base_commit = self._full_sha(first["commit"])
+            self.base_commit = self._full_sha(self.baselines[0]["commit"])
         else:
             self.base_commit = self.branch.head() if not rows else self._full_sha(rows[0]["parent"] or rows[0]["commit"])
         self.best_commit, self.best_val = self.base_commit, float(self.baselines[0]["val_bpb"]) if self.baselines else None
@@ -139,11 +149,6 @@ class Loop:
                 self.best_commit, self.best_val = self._full_sha(row["commit"]), float(row["val_bpb"])
         self.floor: NoiseFloor = noise_floor([float(r["val_bpb"]) for r in self.baselines])
         self.done = {r["experiment"] for r in rows if r["experiment"] != "baseline"}
-        self.crashes_in_a_row = 0
-        for row in reversed(rows):
-            if row["status"] != "crash":
-                break
-            self.crashes_in_a_row += 1
 
     # -- one run of train.py -----------------------------------------------------------------
 
@@ -153,22 +158,24 @@ class Loop:
         env = training_env(preset=self.config.preset, time_budget=self.time_budget, seed=seed, run_dir=run_dir,
                            cache=self.config.cache)
         if self.guard.check_files():
-            self.restore_files()
+            self.branch.reset(self.branch.head())
+            self.stop_if_untrusted()
         self.view.started(name, description)
         outcome = run_training(self.branch.path, env, run_dir / "train.log", self.timeout,
                                on_progress=self.view.progress, command=(self.config.python, "train.py"),
                                pid_file=self.pid_file)
         problem = self.guard.check_files()
         if problem:
-            self.restore_files()
+            self.branch.reset(self.branch.head())  # puts the worktree's prepare.py back
         elif outcome.status == "ok":
             problem = self.guard.check_time(outcome, self.time_budget)
         return outcome, problem
 
-    def restore_files(self) -> None:
-        """Put prepare.py back (git); a changed data cache cannot be trusted, so the loop stops."""
-        self.branch.repo.git.checkout("--", "prepare.py")
-        self.branch.reset(self.branch.head())
+    def stop_if_untrusted(self) -> None:
+        """A changed harness or data cache cannot be trusted, nor restored from git: stop."""
+        if not self.guard.harness_intact():
+            raise LoopStop("a run changed prepare.py or agent/ in your checkout; inspect and restore them "
+                           "(git status, git diff), then resume with the same tag.")
         if not self.guard.data_intact():
             raise LoopStop("the prepared data changed during a run; rebuild it with python prepare.py --force, "
                            "then resume with the same tag.")
@@ -177,6 +184,7 @@ class Loop:
         row.setdefault("tag", self.config.tag)
         row.setdefault("preset", self.config.preset)
         row.setdefault("data_fingerprint", self.data.fingerprint)
+        row.setdefault("time_budget", self.time_budget)
         row.setdefault("sigma", self.floor.sigma if hasattr(self, "floor") else None)
         repaired = self.ledger.append(row)
         if repaired:
@@ -203,11 +211,13 @@ class Loop:
             self.run_baselines()
             self.view.best(self.best_val, self.floor.describe())
             while True:
-                self.limits.check(self.experiments_run, self.crashes_in_a_row)
+                self.limits.check(self.experiments_run, self.crashes_in_a_row, self.refusals_in_a_row)
                 self.step()
         except KeyboardInterrupt:
             self.branch.reset(self.best_commit)
             raise
+        finally:
+            self.view.note(self.guard.costs.describe())
 
     def run_baselines(self) -> None:
         while len(self.baselines) < self.config.baseline_repeats and not self.done:
@@ -221,6 +231,7 @@ class Loop:
                 problem, _ = self.guard.verify(self.config.runs_dir / name, outcome.summary.val_bpb)
             if outcome.status != "ok" or problem:
                 self.record(dict(row, status="invalid" if problem else outcome.status, reason=problem or outcome.reason))
+                self.stop_if_untrusted()
                 raise UserError(f"the baseline run failed ({problem or outcome.reason}); read {outcome.log_path}, "
                                 f"fix train.py on your branch and commit it, then start the loop again.")
             self.record(dict(row, status="keep", reason=f"baseline run {index + 1} (seed {seed})"))
@@ -255,10 +266,14 @@ class Loop:
             self.record(dict(commit="", experiment=result.experiment, status="invalid", description="not run",
                              reason=result.reason, parent=self.best_commit[:7], **usage_columns(proposer)))
             self.done.add(result.experiment)
-            return
-        self.experiment(result, proposer, state)
+            ran = False
+        else:
+            ran = self.experiment(result, proposer, state)
+        if proposer is not self.backlog_proposer:
+            self.refusals_in_a_row = 0 if ran else self.refusals_in_a_row + 1
 
-    def experiment(self, proposal: Proposal, proposer: Proposer, state: ProposerState) -> None:
+    def experiment(self, proposal: Proposal, proposer: Proposer, state: ProposerState) -> bool:
+        """Commit, run, judge and record a proposal; whether it was run at all."""
         parent, best = self.best_commit, self.best_val
         n = len(self.rows()) + 1
         name = f"{n:03d}-{proposal.experiment}"
@@ -268,15 +283,15 @@ class Loop:
         if problem or proposal.train_py == state.train_py:
             self.record(dict(base, commit="", status="invalid", reason=problem or "the proposal leaves train.py unchanged"))
             self.done.add(proposal.experiment)
-            return
+            return False
         sha = self.branch.commit(f"{proposal.experiment}: {proposal.description}", {"train.py": proposal.train_py})
         refused = self.guard.check_scope(self.branch.changed_paths(parent, sha)) or self.guard.check_source(proposal.train_py)
         if refused:
             self.finish(name, sha, parent, dict(base, commit=sha[:7], status="invalid", reason=f"not run: {refused}"))
-            return
+            return False
         self.experiments_run += 1
         outcome, problem = self.train(name, proposal.description, self.config.seed)
-        attempts = 0
+        attempts = reruns = 0  # repair conversations, and the runs of what they repaired
         while outcome.status == "crash" and attempts < self.config.repair_attempts and hasattr(proposer, "repair"):
             attempts += 1
             fixed = proposer.repair(state, proposal, outcome.tail, attempts)
@@ -286,11 +301,12 @@ class Loop:
             proposal = fixed
             sha = self.branch.amend(f"{proposal.experiment}: {proposal.description}", {"train.py": proposal.train_py})
             name = f"{n:03d}-{proposal.experiment}-repair{attempts}"
+            reruns += 1
             outcome, problem = self.train(name, proposal.description, self.config.seed)
         added, removed = self.branch.line_changes(parent, sha)
         row = dict(base, commit=sha[:7], description=proposal.description, lines_added=added, lines_removed=removed,
                    attempts=attempts, **self.measured(outcome))
-        repaired = f" (after {attempts} repair attempts)" if attempts else ""
+        repaired = f" (still failing after {reruns} repaired run{'s' if reruns != 1 else ''})" if reruns else ""
         if problem:
             status, reason = "invalid", problem
         elif outcome.status != "ok":
@@ -317,6 +333,7 @@ class Loop:
                 if problem:
                     status, reason = "invalid", f"{problem} (the judge would have kept it: {reason})"
         self.finish(name, sha, parent, dict(row, status=status, reason=reason))
+        return True
 
     def finish(self, name: str, sha: str, parent: str, row: dict[str, object]) -> None:
         """Keep the commit under a ref, record the row, then advance the best or go back to it."""
@@ -331,6 +348,7 @@ class Loop:
             self.branch.reset(parent)
             for checkpoint in (self.config.runs_dir).glob(f"{name.split('-')[0]}-*/checkpoint.pt"):
                 checkpoint.unlink()
+        self.stop_if_untrusted()
 
     def judge(self, values: list[float], best: float, added: int, removed: int):
         c = self.config

@@ -5,11 +5,14 @@ model for causality. The guard runs it with the experiment's worktree as the wor
     python agent/verify.py CHECKPOINT [--batch N] [--sequences 4] [--positions 3]
 
 It prints one JSON line: the re-evaluated metrics, the causality probe's largest deviation, and any
-function of prepare.py or torch that importing train.py replaced (a way to fake the metric).
+attribute of prepare, math, builtins, torch, torch.nn.functional, torch.Tensor or nn.Module that
+importing train.py replaced (a way to fake the metric for the run and this re-evaluation alike).
 """
 
 import argparse
+import builtins
 import json
+import math
 import os
 import random
 import sys
@@ -21,13 +24,20 @@ sys.path.insert(0, os.getcwd())
 import prepare  # noqa: E402  the worktree's prepare.py, whose hash the guard pinned
 
 
-def _watched():
-    """(module, label, name, function) for what the metric depends on, captured before train.py runs."""
-    watched = [(prepare, "prepare", name, getattr(prepare, name)) for name in dir(prepare)
-               if callable(getattr(prepare, name)) and not name.startswith("__")]
-    watched += [(F, "F", name, getattr(F, name)) for name in ("cross_entropy", "log_softmax", "softmax", "nll_loss")]
-    watched += [(torch, "torch", name, getattr(torch, name)) for name in ("exp", "log", "argmax", "no_grad")]
-    return watched
+WATCHED = {"prepare": prepare, "math": math, "builtins": builtins, "torch": torch, "F": F, "torch.nn": torch.nn,
+           "torch.Tensor": torch.Tensor, "torch.nn.Module": torch.nn.Module}
+
+
+def snapshot():
+    """Every attribute of the modules and classes the metric runs through, before train.py's code runs."""
+    return {label: dict(vars(owner)) for label, owner in WATCHED.items()}
+
+
+def tampered_names(before):
+    """Attributes that existed before and are now another object or gone (new ones are lazy imports)."""
+    gone = object()
+    return sorted(f"{label}.{name}" for label, owner in WATCHED.items()
+                  for name, value in before[label].items() if vars(owner).get(name, gone) is not value)
 
 
 def probe_causality(model, tokens, positions, generator):
@@ -53,11 +63,11 @@ def main():
     parser.add_argument("--sequences", type=int, default=4)
     parser.add_argument("--positions", type=int, default=3)
     args = parser.parse_args()
-    watched = _watched()
-    pinned = {f"{label}.{name}": fn for _, label, name, fn in watched}
+    before = snapshot()
+    evaluate, make_dataloader = prepare.evaluate, prepare.make_dataloader
     import train  # the experiment's model code; its training loop does not run on import
 
-    tampered = sorted(f"{label}.{name}" for module, label, name, fn in watched if getattr(module, name, None) is not fn)
+    tampered = tampered_names(before)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = train.load_checkpoint(args.checkpoint, device)
     model.eval()
@@ -65,13 +75,13 @@ def main():
     batch = args.batch or getattr(train, "EVAL_BATCH_SIZE", 4)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     with autocast:
-        metrics = pinned["prepare.evaluate"](model, tokenizer, batch, device=device)
+        metrics = evaluate(model, tokenizer, batch, device=device)
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     generator = torch.Generator().manual_seed(1234)
-    loader = pinned["prepare.make_dataloader"](tokenizer, args.sequences, prepare.MAX_SEQ_LEN, "val", device=device)
+    loader = make_dataloader(tokenizer, args.sequences, prepare.MAX_SEQ_LEN, "val", device=device)
     tokens, _, _ = next(loader)
     rng = random.Random(1234)
     positions = sorted(rng.sample(range(0, prepare.MAX_SEQ_LEN - 1), args.positions))
