@@ -1,6 +1,7 @@
 """
-Pretraining script: a GPT, its optimizers (Muon/NorMuon + AdamW) and a fixed-time training loop,
-in one file. This is the only file an experiment edits; prepare.py holds the data and the metric.
+Pretraining script: a GPT, its optimizers (Muon/NorMuon + AdamW, and DeepNested: the same with learned
+LR multipliers and momentum) and a fixed-time training loop, in one file. This is the only file an
+experiment edits; prepare.py holds the data and the metric.
 
 Usage: python train.py            (after python prepare.py)
 Environment, set by the loop or by hand: AUTORESEARCH_PRESET, AUTORESEARCH_TIME_BUDGET,
@@ -8,17 +9,21 @@ AUTORESEARCH_SEED, AUTORESEARCH_RUN_DIR (where the checkpoint goes), AUTORESEARC
 It ends by printing `---` and a `key: value` summary; a NaN or exploding loss exits non-zero.
 """
 
+import contextlib
 import gc
 import math
 import os
 import resource
 import sys
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from prepare import (MAX_SEQ_LEN, PRESET, TIME_BUDGET, PrepareError, Tokenizer, data_fingerprint, evaluate,
                      make_dataloader)
@@ -34,12 +39,12 @@ HEAD_DIM = {"gpu": 128, "cpu": 32}[PRESET]            # attention head size
 WINDOW_PATTERN = {"gpu": "SSSL", "cpu": "L"}[PRESET]  # per layer: L = full context, S = half; the last layer is L
 
 # Batch, per preset
-TOTAL_BATCH_SIZE = {"gpu": 2**19, "cpu": 2**13}[PRESET]  # tokens per optimizer step
-DEVICE_BATCH_SIZE = {"gpu": 128, "cpu": 32}[PRESET]      # rows per forward/backward; accumulation makes up the rest
-EVAL_BATCH_SIZE = {"gpu": 64, "cpu": 64}[PRESET]         # rows per evaluation forward
+TOTAL_BATCH_SIZE = {"gpu": 2**19, "cpu": 2**12}[PRESET]  # tokens per optimizer step
+DEVICE_BATCH_SIZE = {"gpu": 128, "cpu": 4}[PRESET]       # rows per forward/backward; accumulation makes up the rest
+EVAL_BATCH_SIZE = {"gpu": 64, "cpu": 4}[PRESET]          # rows per evaluation forward
 
 # Optimization
-OPTIMIZER = "muon"             # "muon": MuonAdamW below
+OPTIMIZER = "muon"             # "muon": MuonAdamW below; "deepnested": MuonAdamW with learned corrections (DN_*)
 MATRIX_OPTIMIZER = "muon"      # hidden matrices: "muon", or "adamw" for the ablation
 MATRIX_LR = 0.04               # hidden matrices
 EMBEDDING_LR = 0.6             # token and value embeddings (AdamW)
@@ -55,6 +60,23 @@ MUON_BETA2 = 0.95              # NorMuon neuron-wise second-moment decay
 WARMUP_RATIO = 0.0             # fraction of the budget spent warming the LR up
 WARMDOWN_RATIO = 0.5           # fraction of the budget spent decaying the LR
 FINAL_LR_FRAC = 0.0            # final LR as a fraction of the initial one
+
+# DeepNested (OPTIMIZER = "deepnested"): MuonAdamW's groups and LRs times learned multipliers, learned momentum
+DN_MODE = "simple"             # "simple": per-step hypergradients; "explicit": k-step unrolled meta-gradients
+DN_META_LR = 1e-3              # Adam LR of the controller and the momentum network
+DN_CONTROLLER_HIDDEN_DIM = 32  # LR controller width ...
+DN_CONTROLLER_NUM_LAYERS = 2   # ... and depth (linear layers)
+DN_MOMENTUM_HIDDEN_DIM = 64    # momentum network width ...
+DN_MOMENTUM_NUM_LAYERS = 2     # ... and depth (linear layers)
+DN_MIN_LR_MULT = 0.1           # the learned LR multipliers stay above this ...
+DN_MAX_LR_MULT = 2.0           # ... and below this
+DN_CONTROLLER_UPDATE_FREQ = 1  # steps between fresh multipliers and momentum coefficients (and simple-mode meta-steps)
+DN_USE_PREPROCESSING = True    # standardise the meta-features by running statistics
+DN_USE_CMS = False             # slower momentum levels for the hidden matrices ...
+DN_CMS_FREQUENCIES = (1, 10, 100)  # ... updated every this many steps (1: the ordinary momentum)
+DN_META_UPDATE_FREQ = 50       # explicit mode: steps between meta-updates ...
+DN_K_UNROLL = 3                # ... each differentiating this many update steps
+DN_META_ROWS = {"gpu": 16, "cpu": 4}[PRESET]  # rows of each batch in a meta-update (double backward is memory-hungry)
 
 # Run
 SEED = int(os.environ.get("AUTORESEARCH_SEED", "42"))
@@ -115,6 +137,7 @@ def apply_rotary(x, cos, sin):
 
 
 _block_masks = {}
+_twice_differentiable = False  # set during DeepNested's meta-updates: flex_attention has no double backward
 
 
 def windowed_attention(q, k, v, window):
@@ -122,7 +145,7 @@ def windowed_attention(q, k, v, window):
     T = q.size(-2)
     if window >= T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if q.is_cuda:  # flex_attention skips the blocks outside the band instead of masking them
+    if q.is_cuda and not _twice_differentiable:  # flex_attention skips the blocks outside the band, not masks them
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         key = (T, window, q.device)
         if key not in _block_masks:
@@ -379,7 +402,8 @@ class MuonAdamW(torch.optim.Optimizer):
         torch._foreach_copy_(params, list(stacked.unbind(0)))
 
     @torch.no_grad()
-    def step(self):
+    def step(self, loss=None):
+        """One update; `loss` (this step's training loss) is unused here, learned optimizers read it."""
         for group in self.param_groups:
             if group["kind"] == "adamw":
                 self._step_adamw(group)
@@ -418,7 +442,448 @@ def param_groups(model):
 def build_optimizer(model):
     if OPTIMIZER == "muon":
         return MuonAdamW(param_groups(model))
-    raise ValueError(f"OPTIMIZER must be 'muon', got {OPTIMIZER!r}")
+    if OPTIMIZER == "deepnested":
+        return DeepNestedOptimizer(
+            model, param_groups=param_groups(model), mode=DN_MODE, meta_lr=DN_META_LR,
+            controller_hidden_dim=DN_CONTROLLER_HIDDEN_DIM, controller_num_layers=DN_CONTROLLER_NUM_LAYERS,
+            momentum_hidden_dim=DN_MOMENTUM_HIDDEN_DIM, momentum_num_layers=DN_MOMENTUM_NUM_LAYERS,
+            min_lr_mult=DN_MIN_LR_MULT, max_lr_mult=DN_MAX_LR_MULT, controller_update_freq=DN_CONTROLLER_UPDATE_FREQ,
+            use_preprocessing=DN_USE_PREPROCESSING, use_cms_updates=DN_USE_CMS, cms_frequencies=DN_CMS_FREQUENCIES,
+            meta_update_freq=DN_META_UPDATE_FREQ, k_unroll=DN_K_UNROLL)
+    raise ValueError(f"OPTIMIZER must be 'muon' or 'deepnested', got {OPTIMIZER!r}")
+
+# ---------------------------------------------------------------------------
+# Optimizer: DeepNested (learned LR multipliers and momentum)
+# ---------------------------------------------------------------------------
+
+HIDDEN, OTHER = 0, 1  # roles: hidden matrices; embeddings, head and scalars
+
+
+def role_param_groups(model, base_lr, weight_decay):
+    """
+    MuonAdamW groups by role for any module: 2-D nn.Linear weights are hidden matrices (Muon), except an
+    unembedding (out_features = some nn.Embedding's num_embeddings); embeddings and every other parameter
+    (0-/1-D ones included) go to AdamW. Muon's LR is scaled to AdamW's update RMS, so one base_lr serves both.
+    """
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    vocab, embedding_ids = {m.num_embeddings for m in embeddings}, {id(m.weight) for m in embeddings}
+    hidden_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)
+                  and m.out_features not in vocab and id(m.weight) not in embedding_ids}
+    params = [p for p in model.parameters() if p.requires_grad]
+    hidden = [p for p in params if id(p) in hidden_ids]
+    groups = [dict(kind="adamw", params=[p for p in params if id(p) not in hidden_ids], lr=base_lr,
+                   betas=ADAM_BETAS, eps=1e-10, weight_decay=0.0)]
+    for rows, cols in sorted({p.shape for p in hidden}):
+        # Muon's update has RMS ~ 1 / sqrt(max(rows, cols)) after MuonAdamW's sqrt(rows / cols) scaling; AdamW's ~ 0.2
+        lr = 0.2 * base_lr * max(rows, cols) ** 0.5 / max(1.0, rows / cols) ** 0.5
+        groups.append(dict(kind="muon", params=[p for p in hidden if p.shape == (rows, cols)], lr=lr,
+                           momentum=MUON_MOMENTUM_END, ns_steps=MUON_NS_STEPS, beta2=MUON_BETA2,
+                           weight_decay=weight_decay, matrix=True))
+    return [g for g in groups if g["params"]]
+
+
+def log_ratio(a, b):
+    """log(a / b) of two non-negative statistics, finite and clipped to [-10, 10]."""
+    return torch.log((a + 1e-30) / (b + 1e-30)).nan_to_num(0.0).clamp(-10.0, 10.0)
+
+
+def cosine(dot, sq_a, sq_b):
+    return dot / (sq_a * sq_b).sqrt().clamp_min(1e-30)
+
+
+@contextlib.contextmanager
+def math_attention():
+    """Attention that can be differentiated twice: the math SDPA backend, and no flex_attention."""
+    global _twice_differentiable
+    _twice_differentiable = True
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        _twice_differentiable = False
+
+
+class MetaMLP(nn.Module):
+    """A small tanh MLP whose last layer starts at zero: its output, a correction, is exactly 0 until it learns."""
+
+    def __init__(self, n_in, n_out, hidden_dim, num_layers):
+        super().__init__()
+        dims = [n_in] + [hidden_dim] * (num_layers - 1) + [n_out]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:]))
+        nn.init.zeros_(self.layers[-1].weight)
+        nn.init.zeros_(self.layers[-1].bias)
+
+    def forward(self, x):
+        for layer in self.layers[:-1]:
+            x = torch.tanh(layer(x))
+        return self.layers[-1](x)
+
+
+class FeatureNorm(nn.Module):
+    """Standardises feature columns by running (bias-corrected EMA) statistics, clipped to [-5, 5]; or passes them."""
+
+    def __init__(self, n, enabled, decay=0.99):
+        super().__init__()
+        self.enabled, self.decay, self.count = enabled, decay, 0
+        self.register_buffer("mean", torch.zeros(n))
+        self.register_buffer("var", torch.zeros(n))
+
+    def forward(self, f):
+        if not self.enabled:
+            return f
+        self.count += 1
+        w = (1 - self.decay) / (1 - self.decay ** self.count)
+        self.mean.lerp_(f.mean(0), w)
+        self.var.lerp_((f - self.mean).square().mean(0), w)
+        return ((f - self.mean) / (self.var + 1e-8).sqrt()).clamp(-5.0, 5.0)
+
+
+class DeepNestedOptimizer(MuonAdamW):
+    """
+    MuonAdamW with learned residual corrections. A controller maps normalised statistics of each role (hidden
+    matrices; the rest) to an LR multiplier in [min_lr_mult, max_lr_mult]; a momentum network maps those of each
+    Muon matrix to its momentum decay, its Nesterov mix and (CMS) the weights of slower momentum levels. Both
+    last layers start at zero, so until they learn, the update is MuonAdamW's. Their signals come from a fixed
+    random sample of sample_size entries per tensor, which is all that is stored of gradients and updates.
+      simple:   the hypergradient d loss_{t+1} / d log m_t = -lr g_{t+1}.u_t, normalised to -cos(g_{t+1}, u_t),
+                trains the controller; the momentum network learns to predict the next gradient,
+                1 - cos(direction_t, g_{t+1}), both every controller_update_freq steps.
+      explicit: meta_update(), which the training loop calls every meta_update_freq steps, differentiates the
+                loss on a held-out batch through k_unroll update steps.
+    Non-finite gradients skip the step (counted in skipped_steps) and touch no state.
+    """
+    horizon_range = math.log(2)  # the learned momentum halves or doubles the base momentum's horizon at most
+    cms_max_weight = 0.5         # largest |weight| of a slower CMS level in the momentum mix
+
+    def __init__(self, model, base_lr=3e-4, meta_lr=1e-3, momentum_hidden_dim=64, momentum_num_layers=2,
+                 controller_hidden_dim=32, controller_num_layers=2, mode="simple", use_cms_updates=False,
+                 cms_frequencies=(1, 10, 100), use_preprocessing=True, weight_decay=0.01, max_grad_norm=0.0,
+                 meta_update_freq=50, k_unroll=3, min_lr_mult=0.1, max_lr_mult=2.0, controller_update_freq=1,
+                 use_compile=False, param_groups=None, sample_size=4096, meta_grad_clip=1.0):
+        if mode not in ("simple", "explicit"):
+            raise ValueError(f"mode must be 'simple' or 'explicit', got {mode!r}")
+        groups = role_param_groups(model, base_lr, weight_decay) if param_groups is None else param_groups
+        for g in groups:
+            g.setdefault("lr", base_lr)
+            g.setdefault("initial_lr", g["lr"])
+            g["role"] = HIDDEN if g["kind"] == "muon" or g.get("matrix") else OTHER
+        super().__init__(groups)
+        self.model, self.mode, self.max_grad_norm, self.meta_grad_clip = model, mode, max_grad_norm, meta_grad_clip
+        self.meta_update_freq, self.k_unroll = meta_update_freq, k_unroll
+        self.controller_update_freq = controller_update_freq
+        self.log_min, self.log_max = math.log(min_lr_mult), math.log(max_lr_mult)
+        self.cms_frequencies = tuple(f for f in cms_frequencies if f > 1) if use_cms_updates else ()
+        muon = [g for g in self.param_groups if g["kind"] == "muon"]
+        ordered = muon + [g for g in self.param_groups if g["kind"] != "muon"]  # the momentum network's tensors first
+        self.tensors = [p for g in ordered for p in g["params"]]
+        self.n_hidden = 0
+        for g in muon:
+            g["hidden_slice"] = slice(self.n_hidden, self.n_hidden + len(g["params"]))
+            self.n_hidden += len(g["params"])
+        device, generator = self.tensors[0].device, torch.Generator().manual_seed(0)
+        self.sample_idx = [torch.randperm(p.numel(), generator=generator)[:sample_size].sort().values
+                           .to(p.device, torch.int32) for p in self.tensors]
+        self.sizes = torch.tensor([len(i) for i in self.sample_idx], device=device)
+        self.n_hidden_samples = sum(len(i) for i in self.sample_idx[:self.n_hidden])
+        self.role = torch.tensor([g["role"] for g in ordered for _ in g["params"]], device=device)
+        levels = len(self.cms_frequencies)
+        self.controller = MetaMLP(5 + 2, 1, controller_hidden_dim, controller_num_layers).to(device)
+        self.momentum_net = MetaMLP(6 + levels, 2 + levels, momentum_hidden_dim, momentum_num_layers).to(device)
+        self.controller_norm = FeatureNorm(5, use_preprocessing).to(device)
+        self.momentum_norm = FeatureNorm(6 + levels, use_preprocessing).to(device)
+        if use_compile:
+            self.controller.compile()
+            self.momentum_net.compile()
+        self.meta_optimizer = torch.optim.Adam([*self.controller.parameters(), *self.momentum_net.parameters()],
+                                               lr=meta_lr, foreach=True)
+        self.ema_grad, self.ema_loss = None, torch.tensor(float("nan"), device=device)
+        self.record, self.pending, self.dn_step, self.skipped_steps = None, False, 0, 0
+        self.multipliers = [1.0, 1.0]
+        self.shift = self.cms_weights = None
+
+    # -- sampled statistics ------------------------------------------------------------------------------------
+
+    def _gather(self, tensors):
+        """The sampled entries of tensors aligned with self.tensors (None: zeros), as one fp32 vector."""
+        return torch.cat([t.reshape(-1).index_select(0, i).float() if t is not None else
+                          torch.zeros(len(i), device=i.device) for t, i in zip(tensors, self.sample_idx)])
+
+    def _hidden_state(self, key):
+        """Each Muon matrix's slice of its group's stacked state tensor `key` (None where there is none yet)."""
+        slices = []
+        for g in self.param_groups:
+            if g["kind"] == "muon":
+                stacked = self._muon_state(g).get(key)
+                slices += list(stacked.unbind(0)) if stacked is not None else [None] * len(g["params"])
+        return slices
+
+    def _per_tensor(self, x, n):
+        """Sums of the sampled products x (samples, k) per tensor, for the first n tensors."""
+        return torch.segment_reduce(x, "sum", lengths=self.sizes[:n], axis=0)
+
+    def _per_role(self, sums):
+        """Sums per role (hidden matrices, the rest) of per-tensor sums (tensors, k)."""
+        return torch.zeros(2, sums.size(1), device=sums.device).index_add(0, self.role, sums)
+
+    # -- the learned parts -------------------------------------------------------------------------------------
+
+    def _log_multipliers(self, x):
+        """log LR multiplier per role: 0 at init, bounded smoothly to [log min_lr_mult, log max_lr_mult]."""
+        o = self.controller(x).squeeze(-1)
+        bound = torch.where(o > 0, self.log_max, -self.log_min)
+        return bound * torch.tanh(o / bound)
+
+    def _momentum_corrections(self, y):
+        """Per Muon matrix: shifts s of its momentum decay and Nesterov mix, each b - (1 - b) * s for the base
+        momentum b (b at init; the horizon 1 / (1 - b) at most halved or doubled), and its CMS level weights."""
+        o = self.momentum_net(y)
+        return torch.expm1(self.horizon_range * torch.tanh(o[:, :2])), self.cms_max_weight * torch.tanh(o[:, 2:])
+
+    def _features(self, g, p, m, loss):
+        """
+        Normalised statistics of the gradient g, the weights p and the momentum m (samples), never raw norms.
+        x, per role, for the controller: log |g| / EMA |g|, log |u| / |p| for the last update u, cos(g, u),
+        log loss / EMA loss, the LR schedule's factor, then the role as one-hot. y, per Muon matrix, for the
+        momentum network: cos(g, m), cos(g, g_prev), log |g| / EMA |g|, the loss term, log(1 - base momentum),
+        the schedule's factor, and cos(g, level) per CMS level.
+        """
+        prev, H, n = self.record, self.n_hidden_samples, len(self.tensors)
+        u, g_prev = (prev["u"], prev["g"]) if prev else (torch.zeros_like(g), torch.zeros_like(g[:H]))
+        levels = prev["c"] if prev and self.cms_frequencies else [torch.zeros_like(m)] * len(self.cms_frequencies)
+        sums = self._per_tensor(torch.stack([g * g, g * u, u * u, p * p], 1), n)
+        if self.ema_grad is None:
+            self.ema_grad = sums[:, 0].clone()
+        gg, gu, uu, pp, ema = self._per_role(torch.cat([sums, self.ema_grad[:, None]], 1)).unbind(1)
+        loss = torch.as_tensor(float("nan") if loss is None else loss, dtype=torch.float32, device=g.device)
+        loss_scale = log_ratio(loss, self.ema_loss)
+        schedule = {gr["role"]: gr["lr"] / gr["initial_lr"] for gr in self.param_groups}
+        lr_factor = torch.tensor([schedule.get(HIDDEN, 1.0), schedule.get(OTHER, 1.0)], device=g.device)
+        step_size = log_ratio(uu.sqrt(), pp.sqrt()) if prev else torch.zeros_like(uu)
+        x = torch.stack([log_ratio(gg.sqrt(), ema.sqrt()), step_size, cosine(gu, gg, uu), loss_scale.expand(2),
+                         lr_factor], 1)
+        x = torch.cat([self.controller_norm(x), torch.eye(2, device=g.device)], 1)
+        gh = g[:H]
+        hidden = self._per_tensor(torch.stack([gh * m, m * m, gh * g_prev, g_prev * g_prev]
+                                              + [gh * c for c in levels] + [c * c for c in levels], 1), self.n_hidden)
+        hg = sums[:self.n_hidden, 0]
+        base = torch.tensor([gr["momentum"] for gr in self.param_groups if gr["kind"] == "muon" for _ in gr["params"]],
+                            device=g.device)
+        L = len(levels)
+        y = torch.stack([cosine(hidden[:, 0], hg, hidden[:, 1]), cosine(hidden[:, 2], hg, hidden[:, 3]),
+                         log_ratio(hg.sqrt(), self.ema_grad[:self.n_hidden].sqrt()), loss_scale.expand(self.n_hidden),
+                         torch.log1p(-base), lr_factor[HIDDEN].expand(self.n_hidden)]
+                        + [cosine(hidden[:, 4 + l], hg, hidden[:, 4 + L + l]) for l in range(L)], 1)
+        self.ema_grad.lerp_(sums[:, 0], 0.1)
+        fresh = torch.where(self.ema_loss.isfinite(), self.ema_loss.lerp(loss, 0.05), loss)
+        self.ema_loss = torch.where(loss.isfinite(), fresh, self.ema_loss)
+        return x, self.momentum_norm(y), base
+
+    def _prediction_loss(self, rec, g_next):
+        """
+        Mean over Muon matrices of 1 - cos(direction_t, g_{t+1}). The direction is linear in the stored samples,
+        lerp(g_t, mix, nu) with mix = (1 - sum w) m_t + sum_l w_l c_l and m_t = lerp(m_{t-1}, g_t, 1 - beta),
+        so its cosine follows from their inner products per matrix, and autograd only sees a few numbers each.
+        """
+        v = [rec["g"], rec["m"], *rec["c"]]
+        k = len(v)
+        sums = self._per_tensor(torch.stack([a * g_next for a in v] + [a * b for a in v for b in v]
+                                            + [g_next * g_next], 1), self.n_hidden)
+        vq, gram, qq = sums[:, :k], sums[:, k:-1].view(-1, k, k), sums[:, -1]
+        shift, w = self._momentum_corrections(rec["y"])
+        base = rec["base"][:, None]
+        beta, nu = (base - (1 - base) * shift).unbind(1)
+        keep = nu * (1 - w.sum(1))  # the weight of m_t in the direction
+        a = torch.cat([torch.stack([1 - nu + keep * (1 - beta), keep * beta], 1), nu[:, None] * w], 1)
+        dq, dd = (a * vq).sum(1), torch.einsum("ni,nij,nj->n", a, gram, a)
+        return (1 - cosine(dq, dd, qq)).sum() / max(self.n_hidden, 1)
+
+    def _learn(self, g):
+        """Simple mode: a meta-step of both networks on the signal that this gradient gives the last refresh."""
+        rec = self.record
+        sums = self._per_tensor(torch.stack([g * rec["u"], g * g, rec["u"] * rec["u"]], 1), len(self.tensors))
+        hypergradient = cosine(*self._per_role(sums).unbind(1))
+        with torch.enable_grad():  # hypergradient > 0: the last step fell short, a larger multiplier would have helped
+            controller_loss = -(hypergradient * self._log_multipliers(rec["x"])).sum()
+            (controller_loss + self._prediction_loss(rec, g[:self.n_hidden_samples])).backward()
+        self._meta_step()
+
+    def _meta_step(self):
+        params = [p for group in self.meta_optimizer.param_groups for p in group["params"]]
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(params, self.meta_grad_clip)):
+            self.meta_optimizer.step()
+        self.meta_optimizer.zero_grad(set_to_none=True)
+
+    # -- the update --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, loss=None):
+        """One update; `loss` (this step's training loss, a float or a tensor) is one of the controller's inputs."""
+        grads = [p.grad for p in self.tensors if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.stack([n.float() for n in torch._foreach_norm(grads)]).norm()
+        if not torch.isfinite(norm):
+            self.skipped_steps += 1
+            return
+        if self.max_grad_norm > 0:
+            torch._foreach_mul_(grads, (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
+        t, H = self.dn_step, self.n_hidden_samples
+        refresh = t % self.controller_update_freq == 0  # fresh multipliers and momentum coefficients this step
+        learn = self.pending and self.mode == "simple"  # this gradient is the signal for the last refresh
+        if refresh or learn:
+            g = self._gather([p.grad for p in self.tensors])
+        if learn:
+            self._learn(g)
+        if refresh:
+            p = self._gather(self.tensors)
+            record = dict(g=g[:H].clone(), m=self._gather(self._hidden_state("momentum_buffer")))
+            x, y, base = self._features(g, p, record["m"], loss)
+            self.multipliers = self._log_multipliers(x).exp().tolist()
+            self.shift, self.cms_weights = self._momentum_corrections(y)
+        for group in self.param_groups:
+            self._apply(group, t)
+        if refresh:
+            record.update(x=x, y=y, base=base, u=p - self._gather(self.tensors),
+                          c=[self._gather(self._hidden_state(f"cms_{f}")) for f in self.cms_frequencies])
+            self.record = record
+        self.pending = refresh
+        self.dn_step += 1
+
+    def _apply(self, group, t):
+        """MuonAdamW's update of one group, with the learned multiplier and, for Muon, the learned momentum."""
+        mult = self.multipliers[group["role"]]
+        if group["kind"] == "adamw":
+            lr = group["lr"]
+            group["lr"] = lr * mult
+            self._step_adamw(group)
+            group["lr"] = lr
+            return
+        params = group["params"]
+        if params[0].grad is None:
+            return
+        state, (rows, cols), i = self._muon_state(group), params[0].shape, group["hidden_slice"]
+        G, P, buf = torch.stack([p.grad for p in params]), torch.stack(params), state["momentum_buffer"]
+        b = group["momentum"]
+        beta, nu = (b - (1 - b) * self.shift[i]).to(buf.dtype).unbind(1)
+        buf.lerp_(G, (1 - beta).view(-1, 1, 1))
+        mix = buf
+        for level, f in enumerate(self.cms_frequencies):
+            if f"cms_{f}" not in state:
+                state[f"cms_{f}"] = torch.zeros_like(buf, dtype=torch.bfloat16 if buf.is_cuda else buf.dtype)
+            slow = state[f"cms_{f}"]
+            if t % f == 0:  # after this step's gradient is in buf
+                slow.lerp_(buf.to(slow.dtype), 1 - group["momentum"])
+            mix = mix + self.cms_weights[i, level].view(-1, 1, 1) * (slow.to(buf.dtype) - buf)
+        d = G.lerp_(mix, nu.view(-1, 1, 1))
+        tt = self._t
+        tt["momentum"].fill_(0.0)
+        tt["beta2"].fill_(group["beta2"])
+        tt["lr"].fill_(group["lr"] * mult * max(1.0, rows / cols) ** 0.5)
+        tt["wd"].fill_(group["weight_decay"])
+        # momentum 0: the fused step only orthogonalises, rescales and applies d (which doubles as its buffer)
+        muon_step_fused(d, P, d, state["second_moment"], tt["momentum"], tt["lr"], tt["wd"], tt["beta2"],
+                        group["ns_steps"], -1 if rows >= cols else -2)
+        torch._foreach_copy_(params, list(P.unbind(0)))
+
+    # -- explicit mode -----------------------------------------------------------------------------------------
+
+    def meta_update(self, train_batches, meta_batch, loss_fn=None):
+        """
+        One meta-step of both networks: from the current weights (left unchanged), k_unroll differentiable
+        updates on the last train batches, then the loss on meta_batch (held out from training), differentiated
+        back to the controller and the momentum network. A batch is a tuple of the model's arguments;
+        loss_fn(output, batch) makes the loss of the output (default: the output is the loss). Returns it.
+        """
+        if self.record is None:
+            return None
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        groups = [[names[id(p)] for p in g["params"]] for g in self.param_groups]
+        keys = [k for ks in groups for k in ks]
+        theta = {name: p.detach().requires_grad_(p.requires_grad) for name, p in self.model.named_parameters()}
+        buffers = dict(self.model.named_buffers())
+
+        def loss_at(params, batch):
+            out = functional_call(self.model, (params, buffers), tuple(batch))
+            return out if loss_fn is None else loss_fn(out, batch)
+
+        rec = self.record
+        meta_params = [p for group in self.meta_optimizer.param_groups for p in group["params"]]
+        with torch.enable_grad(), math_attention():
+            with torch.autocast(rec["x"].device.type, enabled=False):  # the model may run in bf16, not these
+                mult = self._log_multipliers(rec["x"]).exp()
+                shift, w = self._momentum_corrections(rec["y"])
+            inner = [self._unroll_state(g) for g in self.param_groups]
+            for batch in list(train_batches)[-self.k_unroll:]:
+                grads = dict(zip(keys, torch.autograd.grad(loss_at(theta, batch), [theta[k] for k in keys],
+                                                           create_graph=True, allow_unused=True)))
+                theta = dict(theta)
+                for g, ks, s in zip(self.param_groups, groups, inner):
+                    new = self._unrolled_update(g, [theta[k] for k in ks], [grads[k] for k in ks], s,
+                                                g["lr"] * mult[g["role"]], shift, w)
+                    theta.update(zip(ks, new))
+            meta_loss = loss_at(theta, meta_batch)
+            meta_grads = torch.autograd.grad(meta_loss, meta_params, allow_unused=True)
+        for p, grad in zip(meta_params, meta_grads):
+            p.grad = grad
+        self._meta_step()
+        return meta_loss.detach()
+
+    def _unroll_state(self, group):
+        """The optimizer state a differentiable unroll starts from (read, never written)."""
+        if group["kind"] == "adamw":
+            states = [self.state[p] for p in group["params"]]
+            return dict(step=states[0].get("step", 0),
+                        m=[s["exp_avg"] if s else torch.zeros_like(p) for s, p in zip(states, group["params"])],
+                        v=[s["exp_avg_sq"] if s else torch.zeros_like(p) for s, p in zip(states, group["params"])])
+        state = self._muon_state(group)
+        buf = state["momentum_buffer"]
+        return dict(buf=buf, second_moment=state["second_moment"],
+                    cms=[state[f"cms_{f}"].to(buf.dtype) for f in self.cms_frequencies if f"cms_{f}" in state])
+
+    def _unrolled_update(self, group, P, G, s, lr, shift, w):
+        """MuonAdamW's update of one group as a differentiable function (explicit mode); advances the state s."""
+        G = [g if g is not None else torch.zeros_like(p) for p, g in zip(P, G)]
+        if group["kind"] == "adamw":
+            (beta1, beta2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
+            s["step"] += 1
+            s["m"] = [m.lerp(g, 1 - beta1) for m, g in zip(s["m"], G)]
+            s["v"] = [v.lerp(g * g, 1 - beta2) for v, g in zip(s["v"], G)]
+            bias1, bias2 = 1 - beta1 ** s["step"], 1 - beta2 ** s["step"]
+            # + 1e-30 under the root: sqrt has an infinite derivative at 0 (entries that never had a gradient)
+            return [p * (1 - lr * wd) - lr / bias1 * m / ((v / bias2 + 1e-30).sqrt() + eps)
+                    for p, m, v in zip(P, s["m"], s["v"])]
+        (rows, cols), i, b = P[0].shape, group["hidden_slice"], group["momentum"]
+        G, P = torch.stack(G), torch.stack(P)
+        beta, nu = (b - (1 - b) * shift[i]).unbind(1)
+        s["buf"] = s["buf"].lerp(G, (1 - beta).view(-1, 1, 1))
+        mix = s["buf"] + sum(w[i, l].view(-1, 1, 1) * (c - s["buf"]) for l, c in enumerate(s["cms"]))
+        d = G.lerp(mix, nu.view(-1, 1, 1))
+        s["second_moment"] = s["second_moment"].clone()  # normuon_rescale updates it in place
+        U = normuon_rescale(orthogonalize(d, group["ns_steps"]), s["second_moment"], group["beta2"],
+                            -1 if rows >= cols else -2)
+        decay = (U * P) >= 0
+        lr = lr * max(1.0, rows / cols) ** 0.5
+        return list((P - lr * (U + group["weight_decay"] * P * decay)).unbind(0))
+
+    # -- reports -----------------------------------------------------------------------------------------------
+
+    def get_lr_multipliers(self):
+        """The current LR multiplier of each role: hidden matrices, then the rest."""
+        return torch.tensor(self.multipliers)
+
+    def get_momentum_stats(self):
+        """Norms of the momentum (Muon buffers, AdamW first moments) per group and in total, and the learned
+        momentum decay and Nesterov mix of each Muon matrix."""
+        norms = []
+        for g in self.param_groups:
+            key = "momentum_buffer" if g["kind"] == "muon" else "exp_avg"
+            states = [self.state[g["params"][0]]] if g["kind"] == "muon" else [self.state[p] for p in g["params"]]
+            norms.append(math.sqrt(sum(s[key].float().square().sum().item() for s in states if key in s)))
+        muon = [g for g in self.param_groups if g["kind"] == "muon"]
+        base = torch.tensor([g["momentum"] for g in muon for _ in g["params"]])[:, None]
+        coefficients = base - (1 - base) * (torch.zeros_like(base) if self.shift is None else self.shift.cpu())
+        return dict(momentum_total_norm=math.sqrt(sum(n * n for n in norms)), param_group_norms=norms,
+                    momentum_decay=coefficients[:, 0].tolist(), nesterov_mix=coefficients[:, 1].tolist())
 
 # ---------------------------------------------------------------------------
 # Schedules (pure functions of progress = training seconds / budget, or of the step)
@@ -505,6 +970,9 @@ def main():
           f"budget: {TIME_BUDGET:g}s | grad accumulation: {grad_accum_steps} | data: {fingerprint}")
 
     train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", seed=SEED, device=DEVICE)
+    meta_loader = (make_dataloader(tokenizer, DN_META_ROWS, MAX_SEQ_LEN, "meta", seed=SEED, device=DEVICE)
+                   if OPTIMIZER == "deepnested" and DN_MODE == "explicit" else None)
+    recent_batches = deque(maxlen=DN_K_UNROLL)  # what explicit meta-updates unroll over
     x, y, epoch = next(train_loader)
     tty = sys.stdout.isatty()
     smooth_loss, training_time, step = 0.0, 0.0, 0
@@ -518,6 +986,8 @@ def main():
                 loss = step_model(x, y)
             train_loss = loss.detach()
             (loss / grad_accum_steps).backward()
+            if meta_loader is not None:
+                recent_batches.append((x[:DN_META_ROWS], y[:DN_META_ROWS]))
             x, y, epoch = next(train_loader)
         progress = min(training_time / TIME_BUDGET, 1.0)
         lrm = get_lr_multiplier(progress)
@@ -527,8 +997,11 @@ def main():
                 group["momentum"] = get_muon_momentum(step)
             if group.get("matrix"):
                 group["weight_decay"] = get_weight_decay(progress)
-        optimizer.step()
+        optimizer.step(train_loss)
         model.zero_grad(set_to_none=True)
+        if meta_loader is not None and (step + 1) % optimizer.meta_update_freq == 0:
+            with autocast():
+                optimizer.meta_update(recent_batches, next(meta_loader)[:2])
         loss_value = train_loss.item()
         if not math.isfinite(loss_value) or loss_value > LOSS_LIMIT:
             print(f"\nFAIL: training loss {loss_value} at step {step} (NaN or above {LOSS_LIMIT:g}); stopping.")
@@ -575,6 +1048,9 @@ def main():
         num_params_M=f"{model.num_params() / 1e6:.2f}", depth=DEPTH, optimizer=OPTIMIZER,
         matrix_optimizer=MATRIX_OPTIMIZER, preset=PRESET, device=DEVICE.type, seed=SEED, data_fingerprint=fingerprint,
     )
+    if OPTIMIZER == "deepnested":
+        summary.update(dn_lr_multipliers=",".join(f"{m:.4f}" for m in optimizer.get_lr_multipliers().tolist()),
+                       dn_skipped_steps=optimizer.skipped_steps)
     print("---")
     width = max(len(key) for key in summary) + 2
     for key, value in summary.items():

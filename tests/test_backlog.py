@@ -45,9 +45,10 @@ def test_seed_issue_parses_with_page_chrome_around_it():
     assert by_id["NS-1"].description == "Newton-Schulz Iterations: ns_steps: 3"
 
 
-def test_default_backlog_has_the_twelve_items_and_their_edits():
+def test_default_backlog_has_the_seed_items_the_deepnested_items_and_their_edits():
     items = load_backlog(DEFAULT_BACKLOG)
-    assert [item.id for item in items] == EXPECTED_ORDER
+    assert [item.id for item in items] == (EXPECTED_ORDER[:7] + ["DN-1"] + EXPECTED_ORDER[7:]
+                                          + ["DN-2", "DN-3", "DN-4", "DN-5", "DN-6", "DN-7"])
     edits = {item.id: [(a.name, a.value) for a in item.edits] for item in items}
     assert edits == {
         "MM-1": [("MUON_MOMENTUM_START", "0.9")],
@@ -62,9 +63,18 @@ def test_default_backlog_has_the_twelve_items_and_their_edits():
         "MB-3": [("MUON_BETA2", "0.999")],
         "ABL-1": [("MATRIX_OPTIMIZER", '"adamw"'), ("MATRIX_LR", "0.04")],
         "ABL-2": [("MATRIX_OPTIMIZER", '"adamw"'), ("MATRIX_LR", "0.001")],
+        "DN-1": [("OPTIMIZER", '"deepnested"')],
+        "DN-2": [("OPTIMIZER", '"deepnested"'), ("DN_MOMENTUM_NUM_LAYERS", "3"), ("DN_CONTROLLER_NUM_LAYERS", "2"),
+                 ("DN_MODE", '"explicit"')],
+        "DN-3": [("OPTIMIZER", '"deepnested"'), ("DN_MOMENTUM_NUM_LAYERS", "4"), ("DN_CONTROLLER_NUM_LAYERS", "5"),
+                 ("DN_MODE", '"explicit"')],
+        "DN-4": [("OPTIMIZER", '"deepnested"'), ("DN_CONTROLLER_UPDATE_FREQ", "10")],
+        "DN-5": [("OPTIMIZER", '"deepnested"'), ("DN_USE_CMS", "True"), ("DN_CMS_FREQUENCIES", "(1, 10, 100)")],
+        "DN-6": [("OPTIMIZER", '"deepnested"'), ("DN_META_LR", "1e-4")],
+        "DN-7": [("OPTIMIZER", '"deepnested"'), ("DN_META_LR", "1e-2")],
     }
     priorities = {item.id: item.priority for item in items}
-    assert [i for i, p in priorities.items() if p == "MEDIUM"] == ["NS-1", "MM-5", "MM-1", "MM-3", "MM-2"]
+    assert [i for i, p in priorities.items() if p == "MEDIUM"] == ["NS-1", "MM-5", "MM-1", "MM-3", "MM-2", "DN-1"]
     assert all(item.section and "\n" not in item.description for item in items)
 
 
