@@ -2,8 +2,11 @@
 
 A fixed-time run is noisy, so baseline repeats with different seeds give the noise floor sigma,
 and a candidate (run with the first baseline's seed) must beat the best by more than k * sigma.
-The greedy autoresearch rule sits beside it so both can be compared on the same runs.
-Every rule is a pure function; the loop picks one by name from JUDGES.
+Sigma from two runs is itself noisy: by luck it can be tiny, and then noise passes for progress.
+So a candidate that one run would keep (or nearly) is run again, and the confirming pair measures
+the candidate's own run-to-run spread: the larger of that and the baseline's sigma sets the bar
+for the mean of the two. The greedy autoresearch rule sits beside it so both can be compared on the
+same runs. Every rule is a pure function; the loop picks one by name from JUDGES.
 """
 
 from __future__ import annotations
@@ -68,7 +71,10 @@ def judge_noise(
     confirm_margin: float = 0.0,
 ) -> Verdict:
     """Keep when the mean beats best by more than max(k * sigma, min_delta), or when a simplification
-    stays within that threshold; near the deciding boundary a single run asks for confirmation."""
+    (more lines removed than added) stays within that threshold. With confirm_margin > 0, a single run
+    whose delta is below -(1 - confirm_margin) * threshold, that is every would-be keep and the near
+    misses, asks for a confirming run; with two or more runs, sigma is the larger of the baseline's and
+    the candidate's own spread."""
     measured = _measured(values)
     if isinstance(measured, Verdict):
         return measured
@@ -76,23 +82,25 @@ def judge_noise(
     delta = mean - best
     shown = f"{delta:+.4f}{runs}"
 
-    if floor.sigma is None:
+    sigma, described = floor.sigma, floor.describe()
+    if len(values) >= 2:
+        spread = statistics.stdev(values)
+        if sigma is None or spread > sigma:
+            sigma, described = spread, f"sigma {spread:.4f} from the candidate's {len(values)} runs, {described}"
+    if sigma is None:
         threshold, label = min_delta, "min_delta"
-        prefix, suffix = f"{floor.describe()}: ", ""
+        prefix, suffix = f"{described}: ", ""
     else:
-        k_sigma = k * floor.sigma
+        k_sigma = k * sigma
         threshold, label = (k_sigma, f"{k:g} sigma") if k_sigma >= min_delta else (min_delta, "min_delta")
         above = "" if label != "min_delta" else f"min_delta above {k:g} sigma = {k_sigma:.4f}; "
-        prefix, suffix = "", f" ({above}{floor.describe()})"
+        prefix, suffix = "", f" ({above}{described})"
 
     simplification = lines_removed > lines_added
-    # A simplification is decided at +threshold (stay within noise), anything else at -threshold (beat it).
-    boundary = threshold if simplification else -threshold
-    band = confirm_margin * threshold
-    if len(values) == 1 and band > 0 and abs(delta - boundary) <= band:
-        sign = "+" if simplification else "-"
-        return Verdict("confirm", f"{prefix}{shown} is within {band:.4f} of {sign}{label} = {boundary:+.4f}, "
-                                  f"run it once more to decide{suffix}")
+    line = -(1 - confirm_margin) * threshold
+    if len(values) == 1 and confirm_margin > 0 and not simplification and delta < line:
+        return Verdict("confirm", f"{prefix}{shown} < {line:+.4f} ({1 - confirm_margin:g} x -{label}), "
+                                  f"run it once more to confirm{suffix}")
     if delta < -threshold:
         return Verdict("keep", f"{prefix}{shown} < -{label} = -{threshold:.4f}{suffix}")
     lines = f"simplification: {lines_removed} lines removed, {lines_added} added"

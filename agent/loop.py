@@ -398,7 +398,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=float, default=2.0, help="sigmas a candidate must beat the best by")
     p.add_argument("--min-delta", type=float, help="smallest improvement worth keeping (needed with --baseline-repeats 1)")
     p.add_argument("--confirm-margin", type=float, default=0.5,
-                   help="re-run candidates within this fraction of the threshold of it (0: never)")
+                   help="re-run every would-be keep and near misses within this fraction of the threshold (0: never)")
     p.add_argument("--max-crashes", type=int, default=3, help="stop after this many crashes in a row")
     p.add_argument("--repair-attempts", type=int, default=2, help="crash repairs an LLM proposer may try")
     p.add_argument("--seed", type=int, default=42)

@@ -80,17 +80,16 @@ def test_unknown_sigma_falls_back_to_min_delta():
     assert verdict.reason == "sigma unknown (1 baseline run): -0.0040 >= -min_delta = -0.0050"
 
 
-@pytest.mark.parametrize("value", [0.9905, 0.9915])
-def test_confirm_band_on_both_sides_of_the_threshold(value):
-    # band 0.2 * 0.0100 = 0.0020 around -0.0100: deltas -0.0095 (short) and -0.0115 (past) are inside
+@pytest.mark.parametrize("value", [0.9915, 0.9899, 0.95])
+def test_a_single_run_that_would_be_kept_or_nearly_is_confirmed(value):
+    # margin 0.2: the line is -(1 - 0.2) * 0.0100 = -0.0080; deltas -0.0085, -0.0101, -0.0500 are below it
     verdict = judge_noise([value], 1.0, FLOOR, confirm_margin=0.2)
     assert verdict.status == "confirm"
-    assert "within 0.0020 of -2 sigma = -0.0100" in verdict.reason
+    assert "< -0.0080 (0.8 x -2 sigma), run it once more to confirm" in verdict.reason
 
 
-def test_outside_the_confirm_band_decides_at_once():
-    assert judge_noise([0.987], 1.0, FLOOR, confirm_margin=0.2).status == "keep"
-    assert judge_noise([0.993], 1.0, FLOOR, confirm_margin=0.2).status == "discard"
+def test_a_single_run_short_of_the_confirm_line_is_discarded_at_once():
+    assert judge_noise([0.993], 1.0, FLOOR, confirm_margin=0.2).status == "discard"  # -0.0070 >= -0.0080
 
 
 def test_never_confirm_with_two_values():
@@ -131,11 +130,26 @@ def test_simplification_that_also_improves_reports_the_improvement():
     assert verdict.reason.startswith("-0.0150 < -2 sigma = -0.0100")
 
 
-def test_simplification_confirms_near_its_own_boundary():
-    # a simplification is decided at +0.0100; +0.0095 lies inside the 0.0020 band
+def test_a_simplification_is_decided_on_one_run():
+    # a simplification within noise is kept at once: being wrong about it costs nothing measurable
     verdict = judge_noise([1.0095], 1.0, FLOOR, lines_added=0, lines_removed=6, confirm_margin=0.2)
-    assert verdict.status == "confirm"
-    assert "of +2 sigma = +0.0100" in verdict.reason
+    assert verdict.status == "keep"
+    assert "+0.0095 within 2 sigma = 0.0100" in verdict.reason
+
+
+def test_the_candidates_own_spread_raises_the_bar_when_larger():
+    # stdev(0.97, 0.99) = 0.01414 > 0.005: threshold 2 * 0.01414 = 0.0283; mean 0.98 gives -0.0200
+    verdict = judge_noise([0.97, 0.99], 1.0, FLOOR, confirm_margin=0.2)
+    assert verdict.status == "discard"
+    assert verdict.reason == ("-0.0200 (mean of 2 runs) >= -2 sigma = -0.0283 (sigma 0.0141 from the "
+                              "candidate's 2 runs, sigma 0.0050 from 2 baseline runs)")
+
+
+def test_the_candidates_spread_stands_in_for_an_unknown_sigma():
+    # one baseline: sigma unknown; stdev(0.97, 0.99) = 0.01414, 2 sigma = 0.0283 above min_delta 0.005
+    verdict = judge_noise([0.97, 0.99], 1.0, NoiseFloor(None, 1), min_delta=0.005)
+    assert verdict.status == "discard"
+    assert "-2 sigma = -0.0283 (sigma 0.0141 from the candidate's 2 runs, sigma unknown (1 baseline run))" in verdict.reason
 
 
 @pytest.mark.parametrize("values", [[math.nan], [math.inf], [0.98, math.nan]])
