@@ -53,19 +53,19 @@ class Data:
     files: tuple[str, ...]  # every file the data and the tokenizer live in (the guard pins them)
 
 
-def prepared_data(config: LoopConfig, env: dict[str, str]) -> Data:
-    """Ask the user's prepare.py about its cache; in demo mode prepare the builtin corpus if missing."""
+def prepared_data(python: str, repo_root: Path, env: dict[str, str], *, prepare_if_missing: bool = False) -> Data:
+    """Ask the user's prepare.py about its cache; prepare the builtin corpus first if asked and missing."""
     query = ("import json, os, prepare; m = prepare.load_manifest(); "
              "files = m['train'] + m['val'] + [os.path.join(m['dir'], f) for f in "
              "('prepared.json', 'tokenizer.pkl', 'token_bytes.pt')]; "
              "print(json.dumps({'fingerprint': m['fingerprint'], 'budget': prepare.TIME_BUDGET, 'files': files}))")
 
     def ask() -> subprocess.CompletedProcess:
-        return subprocess.run([config.python, "-c", query], cwd=config.repo_root, env=env, capture_output=True, text=True)
+        return subprocess.run([python, "-c", query], cwd=repo_root, env=env, capture_output=True, text=True)
 
     answer = ask()
-    if answer.returncode != 0 and config.demo:
-        subprocess.run([config.python, "prepare.py", "--source", "builtin"], cwd=config.repo_root, env=env, check=True)
+    if answer.returncode != 0 and prepare_if_missing:
+        subprocess.run([python, "prepare.py", "--source", "builtin"], cwd=repo_root, env=env, check=True)
         answer = ask()
     if answer.returncode != 0:
         lines = [line for line in answer.stderr.strip().splitlines() if line.strip()]
@@ -95,7 +95,7 @@ class Loop:
             base_env["AUTORESEARCH_CACHE"] = str(config.cache)
         if config.time_budget:
             base_env["AUTORESEARCH_TIME_BUDGET"] = str(config.time_budget)
-        self.data = prepared_data(config, base_env)
+        self.data = prepared_data(config.python, config.repo_root, base_env, prepare_if_missing=config.demo)
         self.time_budget = config.time_budget or self.data.time_budget
         self.timeout = config.timeout or default_timeout(self.time_budget, config.startup_allowance)
         self.check_comparable(self.rows())

@@ -8,9 +8,7 @@ Needs prepared data for the preset. Prints `key: value` lines.
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,14 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from agent.guard import Guard  # noqa: E402
+from agent.loop import prepared_data  # noqa: E402
 from agent.runner import default_timeout, run_training, training_env  # noqa: E402
-
-
-def data_files(env):
-    query = ("import json, os, prepare; m = prepare.load_manifest(); print(json.dumps(m['train'] + m['val'] + "
-             "[os.path.join(m['dir'], f) for f in ('prepared.json', 'tokenizer.pkl', 'token_bytes.pt')]))")
-    answer = subprocess.run([sys.executable, "-c", query], cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    return json.loads(answer.stdout.strip().splitlines()[-1])
 
 
 def timed(fn, *args):
@@ -46,8 +38,8 @@ def main():
         run_dir = Path(scratch) / "run"
         env = training_env(preset=args.preset, time_budget=args.budget, seed=42, run_dir=run_dir,
                            cache=Path(cache) if cache else None)
-        guard, pin_seconds = timed(lambda: Guard(REPO, REPO, data_files(env), python=sys.executable, env=env,
-                                                 preset=args.preset))
+        files = prepared_data(sys.executable, REPO, env).files
+        guard, pin_seconds = timed(lambda: Guard(REPO, REPO, files, python=sys.executable, env=env, preset=args.preset))
         outcome = run_training(REPO, env, run_dir / "train.log", default_timeout(args.budget, 300))
         if outcome.status != "ok":
             sys.exit(f"guard_cost: the run failed: {outcome.reason}")
