@@ -20,7 +20,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,7 +184,7 @@ class Loop:
         row.setdefault("preset", self.config.preset)
         row.setdefault("data_fingerprint", self.data.fingerprint)
         row.setdefault("time_budget", self.time_budget)
-        row.setdefault("sigma", self.floor.sigma if hasattr(self, "floor") else None)
+        row.setdefault("sigma", self.floor.sigma)
         repaired = self.ledger.append(row)
         if repaired:
             self.view.note(repaired)

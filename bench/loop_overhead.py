@@ -12,7 +12,6 @@ Needs prepared data for the cpu preset. Prints `key: value` lines; goal overhead
 import argparse
 import cProfile
 import io
-import os
 import pstats
 import shutil
 import subprocess
@@ -28,7 +27,6 @@ from agent import loop as loop_module  # noqa: E402
 from agent.view import PlainView  # noqa: E402
 
 STAND_IN = '''"""A stand-in for train.py: the constants the backlog edits, and a summary printed at once."""
-import os
 MUON_MOMENTUM_START = 0.85
 MUON_MOMENTUM_END = 0.95
 MUON_MOMENTUM_RAMP_STEPS = 300
