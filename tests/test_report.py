@@ -1,4 +1,4 @@
-"""The morning report on a hand-made ledger: the plot is written and the summary states the facts."""
+"""The morning report on hand-written ledgers: the plot is a real picture and the summary states the facts."""
 
 from __future__ import annotations
 
@@ -6,60 +6,244 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.ledger import Ledger
+import numpy as np
+import pytest
+from PIL import Image
+
+from agent.ledger import COLUMNS, Ledger
 
 REPO = Path(__file__).resolve().parents[1]
+COMMON = dict(tag="nov28", preset="cpu", data_fingerprint="builtin:abc", time_budget=60)
+GREEN, RED, PURPLE = (44, 160, 44), (214, 39, 40), (148, 103, 189)  # matplotlib's tab:green, tab:red, tab:purple
 
 
 def report(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "agent" / "report.py"), *args], capture_output=True, text=True)
 
 
+def run_report(tmp_path: Path, ledger: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    png, md = tmp_path / "progress.png", tmp_path / "report.md"
+    result = report("--ledger", str(ledger), "--out", str(png), "--markdown", str(md), *args)
+    return result, png, md
+
+
 def write_ledger(path: Path) -> None:
     ledger = Ledger(path)
-    common = dict(tag="nov28", preset="cpu", data_fingerprint="builtin:abc")
-    ledger.append(dict(common, commit="aaaaaaa", experiment="baseline", status="keep", val_bpb=1.50, sigma=0.004,
-                       description="baseline 1/2", reason="baseline run 1 (seed 42)"))
-    ledger.append(dict(common, commit="aaaaaaa", experiment="baseline", status="keep", val_bpb=1.505, sigma=0.004,
-                       description="baseline 2/2", reason="baseline run 2 (seed 43)"))
-    ledger.append(dict(common, commit="bbbbbbb", experiment="NS-1", status="keep", val_bpb=1.48, sigma=0.004,
-                       description="MUON_NS_STEPS = 3", reason="-0.0200 < -2 sigma = -0.0080", cost_usd=0.25))
-    ledger.append(dict(common, commit="ccccccc", experiment="MM-5", status="discard", val_bpb=1.481, sigma=0.004,
-                       description="constant momentum", reason="+0.0010 >= -2 sigma = -0.0080"))
-    ledger.append(dict(common, commit="ddddddd", experiment="ABL-1", status="crash", sigma=0.004,
-                       description="AdamW for matrices", reason="exit code 1: ValueError"))
-    ledger.append(dict(common, commit="eeeeeee", experiment="C-1", status="invalid", val_bpb=0.9, sigma=0.004,
-                       description="memory tokens", reason="causality: ... moved earlier logits by up to 3.2"))
-    ledger.append(dict(common, tag="other", commit="fffffff", experiment="baseline", status="keep", val_bpb=2.0,
-                       description="baseline 1/1", reason="baseline run 1 (seed 42)"))
+    ledger.append(dict(COMMON, commit="aaaaaaa", experiment="baseline", status="keep", val_bpb=1.50, sigma=0.004,
+                       description="baseline 1/2", reason="baseline run 1 (seed 42)",
+                       timestamp="2026-11-28T01:00:00+00:00", wall_seconds=70))
+    ledger.append(dict(COMMON, commit="aaaaaaa", experiment="baseline", status="keep", val_bpb=1.505, sigma=0.004,
+                       description="baseline 2/2", reason="baseline run 2 (seed 43)",
+                       timestamp="2026-11-28T01:01:10+00:00", wall_seconds=70))
+    ledger.append(dict(COMMON, commit="bbbbbbb", experiment="NS-1", status="keep", val_bpb=1.48, sigma=0.004,
+                       delta=-0.02, description="MUON_NS_STEPS = 3", reason="-0.0200 < -2 sigma = -0.0071",
+                       cost_usd=0.25, input_tokens=1200, cached_tokens=3000, output_tokens=400,
+                       timestamp="2026-11-28T01:30:00+00:00", wall_seconds=150))
+    ledger.append(dict(COMMON, commit="ccccccc", experiment="MM-5", status="discard", val_bpb=1.481, sigma=0.004,
+                       delta=0.001, description="constant momentum", reason="+0.0010 >= -2 sigma = -0.0071",
+                       timestamp="2026-11-28T02:00:00+00:00", wall_seconds=70))
+    ledger.append(dict(COMMON, commit="ddddddd", experiment="ABL-1", status="crash", sigma=0.004,
+                       description="AdamW for matrices", reason="exit code 1: ValueError",
+                       timestamp="2026-11-28T02:30:00+00:00", wall_seconds=5))
+    ledger.append(dict(COMMON, commit="eeeeeee", experiment="C-1", status="invalid", val_bpb=0.9, sigma=0.004,
+                       description="memory tokens", reason="causality: the edit moved earlier logits by up to 3.2",
+                       timestamp="2026-11-28T03:00:00+00:00", wall_seconds=70))
+    ledger.append(dict(COMMON, commit="fffffff", experiment="MB-2", status="keep", val_bpb=1.46, sigma=0.004,
+                       delta=-0.02, description="MATRIX_LR = 0.03", reason="-0.0200 < -2 sigma = -0.0071 (mean of 2 runs)",
+                       timestamp="2026-11-28T04:00:00+00:00", wall_seconds=140))
+    ledger.append(dict(COMMON, tag="other", commit="9999999", experiment="baseline", status="keep", val_bpb=2.0,
+                       description="baseline 1/1", reason="baseline run 1 (seed 42)",
+                       timestamp="2026-11-29T01:00:00+00:00", wall_seconds=70))
+
+
+def pixels(png: Path) -> tuple[tuple[int, int], set[tuple[int, int, int]], np.ndarray]:
+    """The image's size, its distinct colours and its pixels as an (N, 3) array."""
+    with Image.open(png) as image:
+        image.verify()  # a truncated or corrupt file raises here
+    with Image.open(png) as image:
+        rgb = image.convert("RGB")
+        data = np.asarray(rgb).reshape(-1, 3).astype(int)
+        return rgb.size, set(map(tuple, np.unique(data, axis=0).tolist())), data
+
+
+def has_colour(data: np.ndarray, colour: tuple[int, int, int], at_least: int = 20) -> bool:
+    return int((np.abs(data - np.array(colour)).max(axis=1) <= 6).sum()) >= at_least
 
 
 def test_report_plots_and_summarises_the_chosen_tag(tmp_path):
-    ledger, out = tmp_path / "experiments.tsv", tmp_path / "progress.png"
-    write_ledger(ledger)
-    result = report("--ledger", str(ledger), "--out", str(out), "--tag", "nov28")
-    assert result.returncode == 0, result.stderr
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = result.stdout
-    assert "tag nov28: 6 runs" in text
-    assert "best: val_bpb 1.480000 at bbbbbbb (NS-1), +0.020000 better than the baseline" in text
-    assert "experiments: 1 crash, 1 discard, 1 invalid, 1 keep" in text
-    assert "proposer cost: $0.25" in text
-    assert "causality:" in text and "ABL-1: exit code 1" in text
-
-
-def test_report_defaults_to_the_last_tag(tmp_path):
     ledger = tmp_path / "experiments.tsv"
     write_ledger(ledger)
-    result = report("--ledger", str(ledger), "--out", str(tmp_path / "p.png"))
-    assert result.returncode == 0
-    assert "tag other: 1 runs" in result.stdout
+    result, png, md = run_report(tmp_path, ledger, "--tag", "nov28")
+    assert result.returncode == 0, result.stderr
+    size, colours, data = pixels(png)
+    assert size == (1200, 600)
+    assert len(colours) > 50, "the plot is blank"
+    assert has_colour(data, GREEN) and has_colour(data, RED) and has_colour(data, PURPLE)
+    text = result.stdout
+    assert md.read_text() in text  # stdout and report.md hold the same summary
+    assert "## nov28 (cpu preset, data builtin:abc, 60 s per run)" in text
+    assert "## other" not in text
+    assert "- baseline: val_bpb 1.500000 at aaaaaaa; noise floor sigma 0.003536 from 2 runs (1.500000, 1.505000)" in text
+    assert "- best: val_bpb 1.460000 at fffffff (MB-2), -0.040000 (-2.67%) from the baseline over 2 kept experiments" in text
+    assert "- outcomes: 2 keep, 1 discard, 1 crash, 0 timeout, 1 invalid" in text
+    assert "- API cost: $0.25 (1,200 input, 3,000 cached, 400 output tokens)" in text
+    # 01:00:00 - 70 s to 04:00:00 is 3 h 1 min 10 s; 5 experiments in that time
+    assert "- runs: 7 (2 baseline, 5 experiments) in 3.02 h of loop time: 1.7 experiments per hour" in text
+    kept = text.split("Kept, in order")[1].split("Crashed")[0]
+    assert "| bbbbbbb | NS-1 | 1.480000 | -0.020000 | -0.0200 < -2 sigma = -0.0071 | MUON_NS_STEPS = 3 |" in kept
+    assert "| fffffff | MB-2 | 1.460000 | -0.020000 |" in kept
+    assert "MM-5" not in kept and "ABL-1" not in kept
+    assert "- ddddddd ABL-1 (crash): exit code 1: ValueError" in text
+    assert "- eeeeeee C-1 (invalid): causality:" in text
 
 
-def test_report_without_a_ledger_or_rows_says_what_to_do(tmp_path):
-    missing = report("--ledger", str(tmp_path / "none.tsv"), "--out", str(tmp_path / "p.png"))
+def test_every_tag_is_summarised_and_the_latest_plotted_by_default(tmp_path):
+    ledger = tmp_path / "experiments.tsv"
+    write_ledger(ledger)
+    result, png, _ = run_report(tmp_path, ledger)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert text.index("## other") < text.index("## nov28"), "the latest tag comes first"
+    assert f"Plot of other: {png}" in text
+    assert "- best: the baseline, val_bpb 2.000000; no experiment beat it" in text
+    assert "noise floor unknown (one baseline run)" in text
+    # the plot of `other` has one baseline and nothing kept or failed
+    _, colours, data = pixels(png)
+    assert not has_colour(data, RED) and not has_colour(data, PURPLE)
+
+
+def test_a_gap_of_hours_is_a_pause_not_loop_time(tmp_path):
+    ledger = Ledger(tmp_path / "experiments.tsv")
+    for i, stamp in enumerate(("2026-11-28T01:00:00", "2026-11-28T01:10:00", "2026-11-28T09:00:00",
+                               "2026-11-28T09:10:00")):
+        ledger.append(dict(COMMON, commit="a" * 7, experiment="baseline" if i == 0 else f"MM-{i}",
+                           status="keep" if i == 0 else "discard", val_bpb=1.5 + i / 100,
+                           timestamp=stamp + "+00:00", wall_seconds=600))
+    result, _, _ = run_report(tmp_path, ledger.path)
+    assert result.returncode == 0, result.stderr
+    # 600 s before the first row, 600 s gap, (pause: the run's own 600 s), 600 s gap = 40 min
+    assert "in 0.67 h of loop time, 1 pause over an hour left out: 4.5 experiments per hour" in result.stdout
+
+
+def test_a_ledger_with_one_row(tmp_path):
+    ledger = Ledger(tmp_path / "experiments.tsv")
+    ledger.append(dict(COMMON, commit="aaaaaaa", experiment="baseline", status="keep", val_bpb=1.5,
+                       description="baseline 1/2", reason="baseline run 1 (seed 42)", wall_seconds=72))
+    result, png, _ = run_report(tmp_path, ledger.path)
+    assert result.returncode == 0, result.stderr
+    assert "- runs: 1 (1 baseline, 0 experiments)" in result.stdout
+    assert "- outcomes: 0 keep, 0 discard, 0 crash, 0 timeout, 0 invalid" in result.stdout
+    assert "Kept, in order" not in result.stdout
+    assert pixels(png)[0] == (1200, 600)
+
+
+def test_a_ledger_of_crashes_only(tmp_path):
+    ledger = Ledger(tmp_path / "experiments.tsv")
+    ledger.append(dict(COMMON, commit="aaaaaaa", experiment="baseline", status="crash",
+                       description="baseline 1/2", reason="exit code 1: CUDA out of memory"))
+    ledger.append(dict(COMMON, commit="aaaaaaa", experiment="baseline", status="timeout",
+                       description="baseline 1/2", reason="killed after 400 s"))
+    result, png, _ = run_report(tmp_path, ledger.path)
+    assert result.returncode == 0, result.stderr
+    assert "- baseline: none finished, so nothing was judged" in result.stdout
+    size, colours, data = pixels(png)
+    assert size == (1200, 600) and has_colour(data, RED)
+
+
+@pytest.mark.parametrize("content", ["", "\t".join(COLUMNS) + "\n"])
+def test_an_empty_ledger_says_what_to_do(tmp_path, content):
+    ledger = tmp_path / "experiments.tsv"
+    ledger.write_text(content)
+    result, png, _ = run_report(tmp_path, ledger)
+    assert result.returncode == 2
+    assert "has no rows yet; let python agent/loop.py finish a run first" in result.stderr
+    assert not png.exists()
+
+
+def test_missing_ledger_unknown_tag_and_foreign_columns_say_what_to_do(tmp_path):
+    missing, png, _ = run_report(tmp_path, tmp_path / "none.tsv")
     assert missing.returncode == 2 and "run python agent/loop.py first" in missing.stderr
     ledger = tmp_path / "experiments.tsv"
     write_ledger(ledger)
-    unknown = report("--ledger", str(ledger), "--out", str(tmp_path / "p.png"), "--tag", "dec01")
-    assert unknown.returncode == 2 and "no rows for tag 'dec01'" in unknown.stderr
+    unknown, _, _ = run_report(tmp_path, ledger, "--tag", "dec01")
+    assert unknown.returncode == 2
+    assert "has no rows for tag 'dec01' (its tags: nov28, other)" in unknown.stderr
+    foreign = tmp_path / "old.tsv"
+    foreign.write_text("commit\tval_bpb\tnotes\nabc\t1.0\tx\n")
+    wrong, _, _ = run_report(tmp_path, foreign)
+    assert wrong.returncode == 2 and "columns from another version" in wrong.stderr
+    assert not png.exists()
+
+
+def test_autoresearch_results_tsv(tmp_path):
+    results = tmp_path / "results.tsv"
+    results.write_text(
+        "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+        "a1b2c3d\t0.997900\t44.0\tkeep\tbaseline\n"
+        "b2c3d4e\t0.993200\t44.2\tkeep\tincrease LR to 0.04\n"
+        "c3d4e5f\t1.005000\t44.0\tdiscard\tswitch to GeLU activation\n"
+        "d4e5f6g\t0.000000\t0.0\tcrash\tdouble model width (OOM)\n"
+        "e5f6a7b\t0.990000\t44.1\tkeep\tNS-1: 3 Newton-Schulz steps\n")
+    result, png, _ = run_report(tmp_path, results)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "# autoresearch report: results.tsv" in text and "## results" in text
+    assert "- baseline: val_bpb 0.997900 at a1b2c3d; noise floor unknown (one baseline run)" in text
+    assert "- best: val_bpb 0.990000 at e5f6a7b (NS-1), -0.007900 (-0.79%) from the baseline over 2 kept" in text
+    assert "- outcomes: 2 keep, 1 discard, 1 crash, 0 timeout, 0 invalid" in text
+    assert "experiments per hour is unknown" in text
+    assert "| b2c3d4e | #2 | 0.993200 | -0.004700 | - | increase LR to 0.04 |" in text
+    assert "| e5f6a7b | NS-1 | 0.990000 | -0.003200 | - | NS-1: 3 Newton-Schulz steps |" in text
+    assert "- d4e5f6g #4 (crash): double model width (OOM)" in text
+    size, _, data = pixels(png)
+    assert size == (1200, 600) and has_colour(data, GREEN) and has_colour(data, RED)
+
+
+def test_results_tsv_is_the_default_when_there_is_no_experiments_tsv(tmp_path):
+    """The default ledger is looked up at the repository root, so this runs a copy of the module there."""
+    root = tmp_path / "repo"
+    (root / "agent").mkdir(parents=True)
+    for name in ("__init__.py", "report.py", "ledger.py", "judge.py", "backlog.py", "stops.py"):
+        (root / "agent" / name).write_text((REPO / "agent" / name).read_text())
+    (root / "results.tsv").write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+                                      "a1b2c3d\t0.997900\t44.0\tkeep\tbaseline\n")
+    result = subprocess.run([sys.executable, str(root / "agent" / "report.py")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "# autoresearch report: results.tsv" in result.stdout
+    assert (root / "progress.png").exists() and (root / "report.md").exists()
+
+
+def test_backlog_status_gives_each_item_its_latest_outcome(tmp_path):
+    backlog = tmp_path / "backlog.md"
+    backlog.write_text(
+        "## Newton-Schulz\n\n| ID | Change | Priority |\n|---|---|---|\n"
+        "| NS-1 | 3 steps | HIGH |\n| NS-2 | 7 steps | LOW |\n\n"
+        "## Momentum\n\n| ID | Change | Priority |\n|---|---|---|\n"
+        "| MM-5 | constant 0.95 | MEDIUM |\n| ABL-1 | AdamW for matrices | MEDIUM |\n| C-1 | memory tokens | LOW |\n")
+    ledger = tmp_path / "experiments.tsv"
+    write_ledger(ledger)
+    # a later row for MM-5 in another tag is the latest outcome
+    Ledger(ledger).append(dict(COMMON, tag="other", commit="1212121", experiment="MM-5", status="keep", val_bpb=1.97,
+                               delta=-0.03, description="constant momentum", reason="-0.0300 < -min_delta"))
+    result = report("--ledger", str(ledger), "--backlog", str(backlog), "--backlog-status")
+    assert result.returncode == 0, result.stderr
+    lines = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ")}
+    assert "kept -0.020000 (nov28 bbbbbbb)" in lines["NS-1"]
+    assert "| NS-2 | LOW | pending |" in lines["NS-2"]
+    assert "kept -0.030000 (other 1212121)" in lines["MM-5"]
+    assert "crashed (nov28 ddddddd): exit code 1: ValueError" in lines["ABL-1"]
+    assert "invalid (nov28 eeeeeee): causality:" in lines["C-1"]
+    assert list(lines)[1:] == ["NS-1", "MM-5", "ABL-1", "NS-2", "C-1"]  # the loop's order: priority, then file order
+    assert "Not in this backlog:" in result.stdout and "- MB-2: kept -0.020000 (nov28 fffffff)" in result.stdout
+    assert "5 items: 1 pending, 2 keep, 1 crash, 1 invalid" in result.stdout
+    only_nov28 = report("--ledger", str(ledger), "--backlog", str(backlog), "--backlog-status", "--tag", "nov28")
+    assert "discarded +0.001000 (nov28 ccccccc)" in only_nov28.stdout
+
+
+def test_the_default_backlog_has_a_status_for_every_item(tmp_path):
+    ledger = tmp_path / "experiments.tsv"
+    write_ledger(ledger)
+    result = report("--ledger", str(ledger), "--backlog-status")
+    assert result.returncode == 0, result.stderr
+    assert "| NS-1 | MEDIUM | kept -0.020000 (nov28 bbbbbbb) |" in result.stdout
+    assert "| DN-1 |" in result.stdout and "pending" in result.stdout
