@@ -4,6 +4,7 @@ The overnight loop: backlog -> edit -> commit -> run -> judge -> record, unatten
     python agent/loop.py --demo                 # offline: cpu preset, builtin data, backlog proposer
     python agent/loop.py --tag nov28            # overnight with the preset of this machine
     python agent/loop.py --tag nov28 --proposer claude --max-cost 5
+    python agent/loop.py --tag nov28 --backlog-issue karpathy/autoresearch#7   # the backlog kept in a GitHub issue
 
 Every experiment is one commit on autoresearch/<tag> (in worktrees/<tag>), one run of train.py
 (log under runs/<tag>/), one verdict and one row of experiments.tsv. The same command with the
@@ -31,6 +32,7 @@ from pydantic import ValidationError  # noqa: E402
 from agent.backlog import BacklogItem, load_backlog  # noqa: E402
 from agent.branch import ExperimentBranch, require_clean  # noqa: E402
 from agent.config import DEMO_BUDGET, DEMO_EXPERIMENTS, LoopConfig, default_tag  # noqa: E402
+from agent.github_backlog import fetch_issue_backlog  # noqa: E402
 from agent.guard import Guard  # noqa: E402
 from agent.judge import JUDGES, NoiseFloor, noise_floor  # noqa: E402
 from agent.ledger import Ledger  # noqa: E402
@@ -387,7 +389,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", help="names the branch autoresearch/<tag> (default: today, e.g. nov28)")
     p.add_argument("--proposer", choices=["backlog", "claude", "auto"], default="auto",
                    help="auto: claude when ANTHROPIC_API_KEY is set, else backlog")
-    p.add_argument("--backlog", type=Path, default=REPO_ROOT / "agent" / "backlog.md")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--backlog", type=Path, default=REPO_ROOT / "agent" / "backlog.md",
+                        help="the backlog file (default: agent/backlog.md)")
+    source.add_argument("--backlog-issue", metavar="OWNER/REPO#N",
+                        help="read the backlog from a GitHub issue's description (or its URL); "
+                             "GITHUB_TOKEN is used when set")
+    p.add_argument("--github-api-url", metavar="URL",
+                   help="GitHub's REST API for --backlog-issue (default: GITHUB_API_URL or https://api.github.com; "
+                        "GitHub Enterprise: https://HOST/api/v3)")
     p.add_argument("--max-experiments", type=int, help="experiments in this invocation (baselines not counted)")
     p.add_argument("--max-hours", type=float, help="start no experiment after this many hours")
     p.add_argument("--time-budget", type=float, help="training seconds per run (default: the preset's)")
@@ -410,6 +420,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> LoopConfig:
+    backlog = args.backlog
+    if getattr(args, "backlog_issue", None):
+        fetched = fetch_issue_backlog(args.backlog_issue, api_url=getattr(args, "github_api_url", None))
+        if fetched.note:
+            print(f"loop: {fetched.note}", file=sys.stderr)
+        backlog = fetched.path
     preset = args.preset
     if preset is None:
         preset = "cpu" if args.demo else os.environ.get("AUTORESEARCH_PRESET") or _detect_preset()
@@ -417,7 +433,7 @@ def build_config(args: argparse.Namespace) -> LoopConfig:
     try:
         return LoopConfig(
             repo_root=REPO_ROOT, tag=args.tag or (default_tag() + ("-demo" if args.demo else "")),
-            proposer="backlog" if args.demo else args.proposer, backlog=args.backlog,
+            proposer="backlog" if args.demo else args.proposer, backlog=backlog,
             max_experiments=args.max_experiments if args.max_experiments is not None else (DEMO_EXPERIMENTS if args.demo else None),
             max_hours=args.max_hours, preset=preset,
             time_budget=args.time_budget or (DEMO_BUDGET if args.demo else None),

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from fake_anthropic import FakeAnthropic
+from fake_github import GitHubStub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_CACHE = tempfile.mkdtemp(prefix="autoresearch-test-cache-")
@@ -33,6 +34,12 @@ os.environ["AUTORESEARCH_CACHE"] = TEST_CACHE
 @pytest.fixture
 def fake_anthropic() -> Iterator[FakeAnthropic]:
     with FakeAnthropic() as server:
+        yield server
+
+
+@pytest.fixture
+def github() -> Iterator[GitHubStub]:
+    with GitHubStub() as server:
         yield server
 
 

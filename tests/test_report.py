@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 from agent.ledger import COLUMNS, Ledger
+from fake_github import error, issue
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = dict(tag="nov28", preset="cpu", data_fingerprint="builtin:abc", time_budget=60)
@@ -247,3 +249,26 @@ def test_the_default_backlog_has_a_status_for_every_item(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "| NS-1 | MEDIUM | kept -0.020000 (nov28 bbbbbbb) |" in result.stdout
     assert "| DN-1 |" in result.stdout and "pending" in result.stdout
+
+
+def test_backlog_status_reads_the_backlog_from_a_github_issue(tmp_path, github):
+    body = ("## Newton-Schulz\n\n| ID | Change | Priority |\n|---|---|---|\n"
+            "| NS-1 | 3 steps | HIGH |\n| NS-9 | 9 steps | LOW |\n")
+    github.play(issue(body))
+    ledger = tmp_path / "experiments.tsv"
+    write_ledger(ledger)
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(tmp_path / "cache")}
+    env.pop("GITHUB_TOKEN", None)
+    result = subprocess.run([sys.executable, str(REPO / "agent" / "report.py"), "--ledger", str(ledger),
+                             "--backlog-status", "--backlog-issue", "owner/repo#7", "--github-api-url", github.url],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert [seen.path for seen in github.requests] == ["/repos/owner/repo/issues/7"]
+    assert "| NS-1 | HIGH | kept -0.020000 (nov28 bbbbbbb) |" in result.stdout
+    assert "| NS-9 | LOW | pending |" in result.stdout
+    github.play(error(404, "Not Found"))
+    missing = subprocess.run([sys.executable, str(REPO / "agent" / "report.py"), "--ledger", str(ledger),
+                              "--backlog-status", "--backlog-issue", "owner/repo#8", "--github-api-url", github.url],
+                             capture_output=True, text=True, env=env)
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("report: GitHub at") and "has no issue owner/repo#8 (HTTP 404" in missing.stderr
