@@ -470,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
             view.note(f"loop: {e}")
             return 2
         except LoopStop as e:
-            view.note(f"loop stopped: {e} Ledger: {config.ledger_path}; resume with --tag {config.tag}.")
+            view.note(f"loop stopped: {e} Ledger: {config.ledger_path}; resume with --tag {config.tag}; "
+                      f"the report: python agent/report.py --tag {config.tag}.")
             return 0
         except KeyboardInterrupt:
             view.note(f"loop interrupted: what finished is in {config.ledger_path}; the branch is back on the best "

@@ -30,6 +30,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from agent.backlog import BacklogItem, load_backlog  # noqa: E402
 from agent.judge import noise_floor  # noqa: E402
@@ -323,6 +324,10 @@ def plot(s: TagSummary, out: Path, *, k: float = 2.0) -> None:
         ax.annotate(f"{_label(p.row)} {p.delta:+.4f}" if math.isfinite(p.delta) else _label(p.row),
                     (p.index + 1, p.value), textcoords="offset points", xytext=(6, -14), fontsize=9,
                     fontweight="bold", color="darkgreen")
+    if len(discarded) <= 40:  # beyond that, labels would only hide each other
+        for p in discarded:
+            ax.annotate(_label(p.row), (p.index + 1, min(p.value, ymax)), textcoords="offset points", xytext=(0, 6),
+                        fontsize=7, color="0.5", alpha=0.8, ha="center")
     off_chart = [p for p in discarded + baseline if p.value > ymax]
     for p in off_chart:
         ax.annotate(f"{p.value:.3f}", (p.index + 1, ymax), textcoords="offset points", xytext=(3, -10), fontsize=7,
@@ -347,6 +352,7 @@ def plot(s: TagSummary, out: Path, *, k: float = 2.0) -> None:
     ax.set_ylabel("val_bpb (lower is better)")
     ax.set_ylim(ymin, ymax)
     ax.set_xlim(0.5, max(len(s.points), 1) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
     fig.tight_layout()
@@ -427,6 +433,14 @@ def default_ledger() -> Path:
     return results if results.exists() and not experiments.exists() else experiments
 
 
+def _relative(path: Path, start: Path) -> Path:
+    """`path` as a link from a file in `start` when it lies below it (report.md next to progress.png)."""
+    try:
+        return path.resolve().relative_to(start.resolve())
+    except ValueError:
+        return path
+
+
 def run(args: argparse.Namespace) -> None:
     source = args.ledger or default_ledger()
     read = read_rows(source)
@@ -447,7 +461,7 @@ def run(args: argparse.Namespace) -> None:
     tags = tags_in_order(rows)
     summaries = [summarize(tag, [row for row in rows if row["tag"] == tag]) for tag in reversed(tags)]
     plot(summaries[0], args.out, k=args.k)
-    text = report_text(summaries, source, args.out)
+    text = report_text(summaries, source, _relative(args.out, args.markdown.parent))
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
     args.markdown.write_text(text, encoding="utf-8")
     print(text, end="")

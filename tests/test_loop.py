@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from rich.console import Console
 
 from agent.backlog import load_backlog
@@ -133,6 +134,11 @@ class Project:
     def loop(self, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "agent/loop.py", *args], cwd=self.root, env={**self.env, **(env or {})},
                               capture_output=True, text=True, timeout=timeout)
+
+    def report(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """agent/report.py of this repository, as the researcher runs it in the morning."""
+        return subprocess.run([sys.executable, "agent/report.py", *args], cwd=self.root, env=self.env,
+                              capture_output=True, text=True, timeout=300)
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         """The loop in the background, stdout and stderr to loop.out beside the checkout, Ctrl-C not ignored."""
@@ -261,6 +267,26 @@ def test_keeps_an_improvement_discards_the_rest_and_stops_when_the_backlog_is_ex
     assert "PR-1 has no machine-readable edit; left for an LLM proposer" in said
     assert said[-1].startswith("loop stopped: the backlog is exhausted")
     assert "1 prose items need --proposer claude" in said[-1]
+    assert_report_names_every_keep(project, TAG, rows)
+
+
+def assert_report_names_every_keep(project: Project, tag: str, rows: list[dict[str, str]]) -> None:
+    """The morning report on the loop's own ledger: a real PNG at the repository root, and every kept
+    experiment in the summary's table with its commit, value and delta."""
+    result = project.report()
+    assert result.returncode == 0, result.stderr
+    png = project.root / "progress.png"
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (1200, 600)
+    assert result.stdout.startswith("# autoresearch report: experiments.tsv") and f"## {tag} (cpu preset" in result.stdout
+    assert (project.root / "report.md").read_text() in result.stdout
+    kept = [r for r in rows if r["status"] == "keep" and r["experiment"] != "baseline"]
+    for row in kept:
+        assert (f"| {row['commit']} | {row['experiment']} | {float(row['val_bpb']):.6f} | {float(row['delta']):+.6f} |"
+                in result.stdout), result.stdout
+    counts = [f"{sum(r['status'] == s for r in rows if r['experiment'] != 'baseline')} {s}" for s in ("keep", "discard")]
+    assert f"- outcomes: {counts[0]}, {counts[1]}," in result.stdout
+    assert project.git("status", "--porcelain") == ""  # progress.png and report.md are ignored outputs
 
 
 def test_crashes_are_recorded_and_enough_in_a_row_stop_the_loop(project: Project):
@@ -515,6 +541,7 @@ def test_demo_runs_the_real_train_py_and_resumes(make_project):
     assert rows_again[:3] == rows and len(rows_again) == 4
     assert rows_again[3]["experiment"] == first_items[1] and math.isfinite(float(rows_again[3]["val_bpb"]))
     assert not any("baseline started" in line for line in messages(again.stdout))
+    assert_report_names_every_keep(project, tag, rows_again)
 
 
 def test_live_view_shows_the_run_its_progress_and_the_best():
