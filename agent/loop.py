@@ -421,8 +421,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> LoopConfig:
     backlog = args.backlog
-    if getattr(args, "backlog_issue", None):
-        fetched = fetch_issue_backlog(args.backlog_issue, api_url=getattr(args, "github_api_url", None))
+    if args.backlog_issue:
+        fetched = fetch_issue_backlog(args.backlog_issue, api_url=args.github_api_url)
         if fetched.note:
             print(f"loop: {fetched.note}", file=sys.stderr)
         backlog = fetched.path

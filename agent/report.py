@@ -171,16 +171,13 @@ def summarize(tag: str, rows: list[dict[str, str]]) -> TagSummary:
         judged = status in ("keep", "discard") and math.isfinite(value) and value > 0
         delta = _float(row["delta"])
         if row["experiment"] == "baseline":
-            if status == "keep" and math.isnan(best):
-                best, best_row = value, row
-            delta = math.nan
+            delta = math.nan  # the best starts at the first baseline; later baselines only measure noise
         elif judged:
             if math.isnan(delta) and math.isfinite(best):
                 delta = value - best  # results.tsv carries no delta
             if status == "keep":
                 best, best_row = value, row
-        points.append(Point(index, row, value if judged or row["experiment"] == "baseline" and status == "keep"
-                            else math.nan, best, delta))
+        points.append(Point(index, row, value if judged else math.nan, best, delta))
     counts = Counter(r["status"] for r in rows if r["experiment"] != "baseline")
     cost = sum(v for v in (_float(r["cost_usd"]) for r in rows) if math.isfinite(v))
     tokens = tuple(sum(int(_float(r[c])) for r in rows if math.isfinite(_float(r[c])))
