@@ -23,7 +23,7 @@ COLUMNS = (
     "commit",            # short sha of the experiment's commit; empty when nothing was committed
     "val_bpb",           # validation bits per byte, lower is better; 0.000000 for a crash, as autoresearch writes
     "memory_gb",         # peak accelerator memory in GB; 0.0 for a crash
-    "status",            # keep | discard | crash | timeout | invalid
+    "status",            # keep | discard | crash | timeout | invalid | contended
     "description",       # one line saying what the experiment changed
     "tag",               # the run's tag; its branch is autoresearch/<tag>
     "experiment",        # backlog ID (MM-1), `baseline`, or an ID the proposer made up
@@ -49,18 +49,25 @@ COLUMNS = (
     "output_tokens",     # LLM output tokens
     "cost_usd",          # LLM cost of this experiment in US dollars
     "wall_seconds",      # wall-clock seconds of the whole experiment, edit to verdict
+    "runs",              # training runs whose metrics this row averages (a confirmed experiment has two or more)
+    "run_values",        # each judged run's val_bpb as seed:value, space-separated, in run order
+    "tokens_per_second", # training throughput, averaged over the row's runs
+    "probe_ratio",       # the slower machine-speed probe around the run over the tag's reference (1.00 = as fast)
+    "test_bpb",          # bits per byte on the test split, scored by the fresh verification process; empty if not scored
+    "threshold",         # the bar the decision used: a keep needed delta < -threshold; empty when no judge ran
 )
 
-STATUSES = ("keep", "discard", "crash", "timeout", "invalid")
+STATUSES = ("keep", "discard", "crash", "timeout", "invalid", "contended")  # contended: shared its machine, never judged
 
 _FLOAT_FORMATS = {
     "val_bpb": ".6f", "val_loss": ".6f", "delta": ".6f", "sigma": ".6f",
     "memory_gb": ".1f", "cost_usd": ".4f", "val_accuracy": ".6f", "val_perplexity": ".4f",
     "training_seconds": ".1f", "wall_seconds": ".1f", "time_budget": "g",
+    "tokens_per_second": ".0f", "probe_ratio": ".3f", "test_bpb": ".6f", "threshold": ".6f",
 }
 _INTEGER_COLUMNS = {
     "seed", "num_steps", "lines_added", "lines_removed", "attempts",
-    "input_tokens", "cached_tokens", "output_tokens",
+    "input_tokens", "cached_tokens", "output_tokens", "runs",
 }
 # Tab, and every character str.splitlines() breaks on, so a row is always one line for any reader.
 _BREAKS = re.compile("[\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")

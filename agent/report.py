@@ -35,12 +35,12 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from agent.backlog import BacklogItem, load_backlog  # noqa: E402
 from agent.judge import noise_floor  # noqa: E402
 from agent.ledger import COLUMNS, Ledger  # noqa: E402
+from agent.ledger import STATUSES as OUTCOMES  # noqa: E402
 from agent.stops import UserError  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AUTORESEARCH_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")
 FAILED = ("crash", "timeout", "invalid")
-OUTCOMES = ("keep", "discard", "crash", "timeout", "invalid")
 PAUSE_SECONDS = 3600.0  # a gap between two rows longer than this is a stopped loop, not an experiment
 _ID = re.compile(r"^\s*([A-Z][A-Z0-9]*-\d+)\b")
 
