@@ -1,7 +1,9 @@
 """Keep or discard: the rules that turn a candidate's val_bpb into a Verdict.
 
 A fixed-time run is noisy, so baseline repeats with different seeds give the noise floor sigma,
-and a candidate (run with the first baseline's seed) must beat the best by more than k * sigma.
+and a candidate must beat the best by more than k * sigma. Runs are paired on seeds: a candidate's
+run i uses the seed of baseline i, and it is compared with the best's run on that same seed, so
+`values[i]` and `best[i]` always share a seed (common random numbers).
 Sigma from two runs is itself noisy: by luck it can be tiny, and then noise passes for progress.
 So a candidate that one run would keep (or nearly) is run again, and the confirming pair measures
 the candidate's own run-to-run spread: the larger of that and the baseline's sigma sets the bar
@@ -41,10 +43,23 @@ def noise_floor(values: Sequence[float]) -> NoiseFloor:
 
 @dataclass(frozen=True)
 class Verdict:
-    """What to do with a candidate, and why in numbers; 'confirm' asks for one more run first."""
+    """What to do with a candidate, and why in numbers; 'confirm' asks for one more run first, on the next
+    seed. `delta` is the (paired) mean difference to the best, `threshold` the bar: a keep needs
+    delta < -threshold (None when the rule has no bar, or the values were not finite)."""
 
     status: Literal["keep", "discard", "confirm"]
     reason: str
+    delta: float | None = None
+    threshold: float | None = None
+
+
+def paired_delta(values: Sequence[float], best: Sequence[float]) -> float:
+    """Mean of the candidate's runs minus the mean of the best's runs on the same seeds; when the best has
+    fewer runs than the candidate, its mean over all of them."""
+    if not best:
+        raise ValueError("a judge needs at least one val_bpb value of the best")
+    paired = best[:len(values)]
+    return statistics.fmean(values) - statistics.fmean(paired)
 
 
 def _measured(values: Sequence[float]) -> tuple[float, str] | Verdict:
@@ -61,7 +76,7 @@ def _measured(values: Sequence[float]) -> tuple[float, str] | Verdict:
 
 def judge_noise(
     values: Sequence[float],
-    best: float,
+    best: Sequence[float],
     floor: NoiseFloor,
     *,
     k: float = 2.0,
@@ -79,7 +94,7 @@ def judge_noise(
     if isinstance(measured, Verdict):
         return measured
     mean, runs = measured
-    delta = mean - best
+    delta = paired_delta(values, best)
     shown = f"{delta:+.4f}{runs}"
 
     sigma, described = floor.sigma, floor.describe()
@@ -100,27 +115,31 @@ def judge_noise(
     line = -(1 - confirm_margin) * threshold
     if len(values) == 1 and confirm_margin > 0 and not simplification and delta < line:
         return Verdict("confirm", f"{prefix}{shown} < {line:+.4f} ({1 - confirm_margin:g} x -{label}), "
-                                  f"run it once more to confirm{suffix}")
+                                  f"run it once more to confirm{suffix}", delta, threshold)
     if delta < -threshold:
-        return Verdict("keep", f"{prefix}{shown} < -{label} = -{threshold:.4f}{suffix}")
+        return Verdict("keep", f"{prefix}{shown} < -{label} = -{threshold:.4f}{suffix}", delta, threshold)
     lines = f"simplification: {lines_removed} lines removed, {lines_added} added"
     if simplification and delta <= threshold:
-        return Verdict("keep", f"{prefix}{lines}, {shown} within {label} = {threshold:.4f}{suffix}")
+        return Verdict("keep", f"{prefix}{lines}, {shown} within {label} = {threshold:.4f}{suffix}", delta, threshold)
     if simplification:
-        return Verdict("discard", f"{prefix}{lines}, but {shown} > {label} = {threshold:.4f}{suffix}")
-    return Verdict("discard", f"{prefix}{shown} >= -{label} = -{threshold:.4f}{suffix}")
+        return Verdict("discard", f"{prefix}{lines}, but {shown} > {label} = {threshold:.4f}{suffix}", delta, threshold)
+    return Verdict("discard", f"{prefix}{shown} >= -{label} = -{threshold:.4f}{suffix}", delta, threshold)
 
 
-def judge_greedy(values: Sequence[float], best: float, floor: NoiseFloor | None = None, **ignored: object) -> Verdict:
-    """The karpathy/autoresearch rule: keep iff the (mean) val_bpb is strictly lower than best."""
+def judge_greedy(values: Sequence[float], best: Sequence[float], floor: NoiseFloor | None = None,
+                 **ignored: object) -> Verdict:
+    """The karpathy/autoresearch rule: keep iff the (mean) val_bpb is strictly lower than the best's on the same seeds."""
     measured = _measured(values)
     if isinstance(measured, Verdict):
         return measured
     mean, runs = measured
-    if mean < best:
-        return Verdict("keep", f"greedy: {mean:.4f}{runs} < best {best:.4f}")
-    return Verdict("discard", f"greedy: {mean:.4f}{runs} >= best {best:.4f}")
+    delta = paired_delta(values, best)
+    reference = mean - delta
+    if delta < 0:
+        return Verdict("keep", f"greedy: {mean:.4f}{runs} < best {reference:.4f}", delta, 0.0)
+    return Verdict("discard", f"greedy: {mean:.4f}{runs} >= best {reference:.4f}", delta, 0.0)
 
 
-# Both take (values, best, floor, **options), so `--judge {noise,greedy}` swaps one for the other.
+# Both take (values, best, floor, **options): the candidate's runs and the best's runs, paired by seed, so
+# `--judge {noise,greedy}` swaps one for the other.
 JUDGES: dict[str, Callable[..., Verdict]] = {"noise": judge_noise, "greedy": judge_greedy}

@@ -353,7 +353,7 @@ class Loop:
 
     def judge(self, values: list[float], best: float, added: int, removed: int):
         c = self.config
-        return JUDGES[c.judge](values, best, self.floor, k=c.k, min_delta=c.min_delta or 0.0,
+        return JUDGES[c.judge](values, [best], self.floor, k=c.k, min_delta=c.min_delta or 0.0,
                                lines_added=added, lines_removed=removed, confirm_margin=c.confirm_margin)
 
 

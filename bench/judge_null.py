@@ -42,15 +42,15 @@ def false_keep_rates(same, other, k=2.0, confirm_margin=0.5):
     for a, c in itertools.permutations(range(len(same)), 2):
         for b in other:
             floor = noise_floor([same[a], b])
-            verdict = judge_noise([same[c]], same[a], floor, k=k, confirm_margin=confirm_margin)
+            verdict = judge_noise([same[c]], [same[a]], floor, k=k, confirm_margin=confirm_margin)
             if verdict.status == "confirm":
                 confirmations = [d for d in range(len(same)) if d not in (a, c)]
                 kept = statistics.fmean(
-                    judge_noise([same[c], same[d]], same[a], floor, k=k).status == "keep" for d in confirmations)
+                    judge_noise([same[c], same[d]], [same[a]], floor, k=k).status == "keep" for d in confirmations)
             else:
                 kept = float(verdict.status == "keep")
             noise_keeps += kept
-            greedy_keeps += judge_greedy([same[c]], same[a]).status == "keep"
+            greedy_keeps += judge_greedy([same[c]], [same[a]]).status == "keep"
             cases += 1
     return noise_keeps / cases, greedy_keeps / cases, cases
 

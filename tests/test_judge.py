@@ -34,48 +34,48 @@ def test_noise_floor_leaves_out_failed_runs():
 
 
 def test_keep_just_past_the_threshold():
-    verdict = judge_noise([0.9899], 1.0, FLOOR)
+    verdict = judge_noise([0.9899], [1.0], FLOOR)
     assert verdict.status == "keep"
     assert verdict.reason == "-0.0101 < -2 sigma = -0.0100 (sigma 0.0050 from 2 baseline runs)"
 
 
 def test_discard_just_short_of_the_threshold():
-    verdict = judge_noise([0.9901], 1.0, FLOOR)
+    verdict = judge_noise([0.9901], [1.0], FLOOR)
     assert verdict.status == "discard"
     assert verdict.reason == "-0.0099 >= -2 sigma = -0.0100 (sigma 0.0050 from 2 baseline runs)"
 
 
 def test_exactly_at_the_threshold_is_not_enough():
     # binary-exact numbers: threshold 2 * 0.125 = 0.25, delta 0.75 - 1.0 = -0.25
-    assert judge_noise([0.75], 1.0, NoiseFloor(0.125, 3)).status == "discard"
-    assert judge_noise([0.74], 1.0, NoiseFloor(0.125, 3)).status == "keep"
+    assert judge_noise([0.75], [1.0], NoiseFloor(0.125, 3)).status == "discard"
+    assert judge_noise([0.74], [1.0], NoiseFloor(0.125, 3)).status == "keep"
 
 
 def test_k_scales_the_threshold():
-    verdict = judge_noise([0.9899], 1.0, FLOOR, k=3)
+    verdict = judge_noise([0.9899], [1.0], FLOOR, k=3)
     assert verdict.status == "discard"
     assert "-0.0101 >= -3 sigma = -0.0150" in verdict.reason
 
 
 def test_min_delta_takes_over_when_larger_than_k_sigma():
-    verdict = judge_noise([0.985], 1.0, FLOOR, min_delta=0.02)
+    verdict = judge_noise([0.985], [1.0], FLOOR, min_delta=0.02)
     assert verdict.status == "discard"
     assert verdict.reason.startswith("-0.0150 >= -min_delta = -0.0200 (min_delta above 2 sigma = 0.0100; ")
-    assert judge_noise([0.979], 1.0, FLOOR, min_delta=0.02).status == "keep"
+    assert judge_noise([0.979], [1.0], FLOOR, min_delta=0.02).status == "keep"
 
 
 def test_k_sigma_stands_when_larger_than_min_delta():
-    verdict = judge_noise([0.9899], 1.0, FLOOR, min_delta=0.005)
+    verdict = judge_noise([0.9899], [1.0], FLOOR, min_delta=0.005)
     assert verdict.status == "keep"
     assert "-2 sigma = -0.0100" in verdict.reason
 
 
 def test_unknown_sigma_falls_back_to_min_delta():
     unknown = NoiseFloor(sigma=None, runs=1)
-    verdict = judge_noise([0.9877], 1.0, unknown, min_delta=0.005)
+    verdict = judge_noise([0.9877], [1.0], unknown, min_delta=0.005)
     assert verdict.status == "keep"
     assert verdict.reason == "sigma unknown (1 baseline run): -0.0123 < -min_delta = -0.0050"
-    verdict = judge_noise([0.996], 1.0, unknown, min_delta=0.005)
+    verdict = judge_noise([0.996], [1.0], unknown, min_delta=0.005)
     assert verdict.status == "discard"
     assert verdict.reason == "sigma unknown (1 baseline run): -0.0040 >= -min_delta = -0.0050"
 
@@ -83,31 +83,31 @@ def test_unknown_sigma_falls_back_to_min_delta():
 @pytest.mark.parametrize("value", [0.9915, 0.9899, 0.95])
 def test_a_single_run_that_would_be_kept_or_nearly_is_confirmed(value):
     # margin 0.2: the line is -(1 - 0.2) * 0.0100 = -0.0080; deltas -0.0085, -0.0101, -0.0500 are below it
-    verdict = judge_noise([value], 1.0, FLOOR, confirm_margin=0.2)
+    verdict = judge_noise([value], [1.0], FLOOR, confirm_margin=0.2)
     assert verdict.status == "confirm"
     assert "< -0.0080 (0.8 x -2 sigma), run it once more to confirm" in verdict.reason
 
 
 def test_a_single_run_short_of_the_confirm_line_is_discarded_at_once():
-    assert judge_noise([0.993], 1.0, FLOOR, confirm_margin=0.2).status == "discard"  # -0.0070 >= -0.0080
+    assert judge_noise([0.993], [1.0], FLOOR, confirm_margin=0.2).status == "discard"  # -0.0070 >= -0.0080
 
 
 def test_never_confirm_with_two_values():
-    short = judge_noise([0.9905, 0.9905], 1.0, FLOOR, confirm_margin=0.2)
+    short = judge_noise([0.9905, 0.9905], [1.0], FLOOR, confirm_margin=0.2)
     assert short.status == "discard"
     assert short.reason.startswith("-0.0095 (mean of 2 runs) >= -2 sigma = -0.0100")
     # mean of 0.9870 and 0.9900 is 0.9885, delta -0.0115
-    past = judge_noise([0.987, 0.990], 1.0, FLOOR, confirm_margin=0.2)
+    past = judge_noise([0.987, 0.990], [1.0], FLOOR, confirm_margin=0.2)
     assert past.status == "keep"
     assert past.reason.startswith("-0.0115 (mean of 2 runs) < -2 sigma = -0.0100")
 
 
 def test_without_a_margin_there_is_no_confirm():
-    assert judge_noise([0.9905], 1.0, FLOOR).status == "discard"
+    assert judge_noise([0.9905], [1.0], FLOOR).status == "discard"
 
 
 def test_simplification_within_noise_is_kept():
-    verdict = judge_noise([1.001], 1.0, FLOOR, lines_added=3, lines_removed=12)
+    verdict = judge_noise([1.001], [1.0], FLOOR, lines_added=3, lines_removed=12)
     assert verdict.status == "keep"
     assert verdict.reason == (
         "simplification: 12 lines removed, 3 added, +0.0010 within 2 sigma = 0.0100 "
@@ -115,31 +115,31 @@ def test_simplification_within_noise_is_kept():
 
 
 def test_simplification_worse_than_noise_is_discarded():
-    verdict = judge_noise([1.012], 1.0, FLOOR, lines_added=3, lines_removed=12)
+    verdict = judge_noise([1.012], [1.0], FLOOR, lines_added=3, lines_removed=12)
     assert verdict.status == "discard"
     assert "12 lines removed, 3 added, but +0.0120 > 2 sigma = 0.0100" in verdict.reason
 
 
 def test_equal_lines_are_not_a_simplification():
-    assert judge_noise([1.001], 1.0, FLOOR, lines_added=5, lines_removed=5).status == "discard"
+    assert judge_noise([1.001], [1.0], FLOOR, lines_added=5, lines_removed=5).status == "discard"
 
 
 def test_simplification_that_also_improves_reports_the_improvement():
-    verdict = judge_noise([0.985], 1.0, FLOOR, lines_added=1, lines_removed=4)
+    verdict = judge_noise([0.985], [1.0], FLOOR, lines_added=1, lines_removed=4)
     assert verdict.status == "keep"
     assert verdict.reason.startswith("-0.0150 < -2 sigma = -0.0100")
 
 
 def test_a_simplification_is_decided_on_one_run():
     # a simplification within noise is kept at once: being wrong about it costs nothing measurable
-    verdict = judge_noise([1.0095], 1.0, FLOOR, lines_added=0, lines_removed=6, confirm_margin=0.2)
+    verdict = judge_noise([1.0095], [1.0], FLOOR, lines_added=0, lines_removed=6, confirm_margin=0.2)
     assert verdict.status == "keep"
     assert "+0.0095 within 2 sigma = 0.0100" in verdict.reason
 
 
 def test_the_candidates_own_spread_raises_the_bar_when_larger():
     # stdev(0.97, 0.99) = 0.01414 > 0.005: threshold 2 * 0.01414 = 0.0283; mean 0.98 gives -0.0200
-    verdict = judge_noise([0.97, 0.99], 1.0, FLOOR, confirm_margin=0.2)
+    verdict = judge_noise([0.97, 0.99], [1.0], FLOOR, confirm_margin=0.2)
     assert verdict.status == "discard"
     assert verdict.reason == ("-0.0200 (mean of 2 runs) >= -2 sigma = -0.0283 (sigma 0.0141 from the "
                               "candidate's 2 runs, sigma 0.0050 from 2 baseline runs)")
@@ -147,7 +147,7 @@ def test_the_candidates_own_spread_raises_the_bar_when_larger():
 
 def test_the_candidates_spread_stands_in_for_an_unknown_sigma():
     # one baseline: sigma unknown; stdev(0.97, 0.99) = 0.01414, 2 sigma = 0.0283 above min_delta 0.005
-    verdict = judge_noise([0.97, 0.99], 1.0, NoiseFloor(None, 1), min_delta=0.005)
+    verdict = judge_noise([0.97, 0.99], [1.0], NoiseFloor(None, 1), min_delta=0.005)
     assert verdict.status == "discard"
     assert "-2 sigma = -0.0283 (sigma 0.0141 from the candidate's 2 runs, sigma unknown (1 baseline run))" in verdict.reason
 
@@ -155,28 +155,42 @@ def test_the_candidates_spread_stands_in_for_an_unknown_sigma():
 @pytest.mark.parametrize("values", [[math.nan], [math.inf], [0.98, math.nan]])
 @pytest.mark.parametrize("judge", [judge_noise, judge_greedy])
 def test_non_finite_values_are_discarded(judge, values):
-    verdict = judge(values, 1.0, FLOOR, confirm_margin=0.5)
+    verdict = judge(values, [1.0], FLOOR, confirm_margin=0.5)
     assert verdict.status == "discard"
     assert "finite" in verdict.reason
 
 
 def test_no_values_is_a_programming_error():
     with pytest.raises(ValueError):
-        judge_noise([], 1.0, FLOOR)
+        judge_noise([], [1.0], FLOOR)
 
 
 def test_greedy_keeps_any_strict_improvement():
-    verdict = judge_greedy([1.2345], 1.24)
+    verdict = judge_greedy([1.2345], [1.24])
     assert verdict.status == "keep"
     assert verdict.reason == "greedy: 1.2345 < best 1.2400"
-    tie = judge_greedy([1.24], 1.24)
+    tie = judge_greedy([1.24], [1.24])
     assert tie.status == "discard"
     assert tie.reason == "greedy: 1.2400 >= best 1.2400"
 
 
 def test_judges_take_the_same_arguments_and_differ_inside_the_noise():
     options = dict(k=2.0, min_delta=0.0, lines_added=2, lines_removed=1, confirm_margin=0.0)
-    verdicts = {name: judge([0.995], 1.0, FLOOR, **options) for name, judge in JUDGES.items()}
+    verdicts = {name: judge([0.995], [1.0], FLOOR, **options) for name, judge in JUDGES.items()}
     assert set(verdicts) == {"noise", "greedy"}
     assert verdicts["noise"].status == "discard"
     assert verdicts["greedy"].status == "keep"
+
+
+def test_runs_are_paired_with_the_best_on_the_same_seeds():
+    # seed-by-seed: (0.98 - 1.00) and (0.99 - 0.97) cancel; the best's third run has no partner yet
+    verdict = judge_noise([0.98, 0.99], [1.00, 0.97, 1.5], FLOOR)
+    assert verdict.delta == pytest.approx(0.0)
+    assert verdict.threshold == pytest.approx(0.0141421356, rel=1e-6)  # 2 x the pair's own spread 0.00707
+    assert verdict.status == "discard"
+
+
+def test_a_best_with_fewer_runs_is_compared_by_its_mean():
+    verdict = judge_greedy([0.95, 0.97], [1.0])
+    assert verdict.delta == pytest.approx(-0.04)
+    assert verdict.status == "keep"

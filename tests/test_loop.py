@@ -502,7 +502,7 @@ def test_greedy_keeps_what_the_noise_judge_discards(project: Project):
     assert rows[2]["status"] == "keep" and rows[2]["reason"] == f"greedy: {value:.4f} < best {best:.4f}"
     assert project.branch() == project.sha(rows[2]["commit"])
     # The default judge, on the same runs: a gain within 2 sigma is noise.
-    assert judge_noise([value], best, NoiseFloor(sigma, 2), k=2.0).status == "discard"
+    assert judge_noise([value], [best], NoiseFloor(sigma, 2), k=2.0).status == "discard"
 
 
 # ---------------------------------------------------------------------------
