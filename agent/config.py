@@ -37,6 +37,7 @@ class LoopConfig(BaseModel):
     k: float = Field(2.0, gt=0, description="how many sigmas a candidate must beat the best by")
     min_delta: float | None = Field(None, ge=0, description="the smallest improvement worth keeping; stands in for k sigma when sigma is unknown")
     confirm_margin: float = Field(0.5, ge=0, le=1, description="re-run every would-be keep, and near misses within this fraction of the threshold; 0: decide on one run")
+    max_runs: int = Field(2, ge=1, description="training runs one experiment may take while the judge asks to confirm; run i uses baseline i's seed")
     max_crashes: int = Field(3, ge=1, description="stop after this many consecutive crashes")
     repair_attempts: int = Field(2, ge=0, description="conversations in which an LLM proposer may repair its crashed edit")
     seed: int = Field(42, description="seed of the first baseline; candidates reuse it (common random numbers)")

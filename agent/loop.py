@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 import signal
 import statistics
@@ -34,7 +35,7 @@ from agent.branch import ExperimentBranch, require_clean  # noqa: E402
 from agent.config import DEMO_BUDGET, DEMO_EXPERIMENTS, LoopConfig, default_tag  # noqa: E402
 from agent.github_backlog import fetch_issue_backlog  # noqa: E402
 from agent.guard import Guard  # noqa: E402
-from agent.judge import JUDGES, NoiseFloor, noise_floor  # noqa: E402
+from agent.judge import JUDGES, NoiseFloor, Verdict, noise_floor  # noqa: E402
 from agent.ledger import Ledger  # noqa: E402
 from agent.limits import BacklogExhausted, Limits  # noqa: E402
 from agent.proposer import BacklogProposer, Proposal, Proposer, ProposerState, Skip  # noqa: E402
@@ -138,23 +139,26 @@ class Loop:
         return self.branch.repo.git.rev_parse(short)
 
     def derive(self, rows: list[dict[str, str]]) -> None:
-        """Best commit, its value, the noise floor and what is done, from this tag's rows."""
+        """Best commit, its runs (paired by seed), the noise floor and what is done, from this tag's rows."""
         self.baselines = [r for r in rows if r["experiment"] == "baseline" and r["status"] == "keep"]
         if self.baselines:
             self.base_commit = self._full_sha(self.baselines[0]["commit"])
         else:
             self.base_commit = self.branch.head() if not rows else self._full_sha(rows[0]["parent"] or rows[0]["commit"])
-        self.best_commit, self.best_val = self.base_commit, float(self.baselines[0]["val_bpb"]) if self.baselines else None
+        self.best_commit = self.base_commit
+        self.best_values = [float(r["val_bpb"]) for r in self.baselines]
         for row in rows:
             if row["status"] == "keep" and row["experiment"] != "baseline":
-                self.best_commit, self.best_val = self._full_sha(row["commit"]), float(row["val_bpb"])
+                self.best_commit, self.best_values = self._full_sha(row["commit"]), run_values(row)
+        self.best_val = statistics.fmean(self.best_values) if self.best_values else None
         self.floor: NoiseFloor = noise_floor([float(r["val_bpb"]) for r in self.baselines])
-        self.done = {r["experiment"] for r in rows if r["experiment"] != "baseline"}
+        # a contended experiment measured the load, not the change: it runs again
+        self.done = {r["experiment"] for r in rows if r["experiment"] != "baseline" and r["status"] != "contended"}
 
     # -- one run of train.py -----------------------------------------------------------------
 
-    def train(self, name: str, description: str, seed: int) -> tuple[RunOutcome, str | None]:
-        """One run of train.py in the worktree; the outcome and what the guard found wrong, if anything."""
+    def train(self, name: str, description: str, seed: int) -> TrainRun:
+        """One run of train.py in the worktree: the outcome and what the guard found wrong, if anything."""
         run_dir = self.config.runs_dir / name
         env = training_env(preset=self.config.preset, time_budget=self.time_budget, seed=seed, run_dir=run_dir,
                            cache=self.config.cache)
@@ -170,7 +174,7 @@ class Loop:
             self.branch.reset(self.branch.head())  # puts the worktree's prepare.py back
         elif outcome.status == "ok":
             problem = self.guard.check_time(outcome, self.time_budget)
-        return outcome, problem
+        return TrainRun(outcome, seed, problem)
 
     def stop_if_untrusted(self) -> None:
         """A changed harness or data cache cannot be trusted, nor restored from git: stop."""
@@ -193,14 +197,24 @@ class Loop:
         self.view.finished(row, self.rows())
 
     @staticmethod
-    def measured(outcome: RunOutcome) -> dict[str, object]:
-        s = outcome.summary
-        if s is None:
-            return {"wall_seconds": round(outcome.wall_seconds, 1)}
-        return {"val_bpb": s.val_bpb, "val_loss": s.number("val_loss"), "memory_gb": s.number("peak_memory_mb") / 1024,
-                "training_seconds": s.get("training_seconds"), "num_steps": s.get("num_steps"),
-                "val_accuracy": s.get("val_accuracy"), "val_perplexity": s.get("val_perplexity"),
-                "wall_seconds": round(outcome.wall_seconds, 1)}
+    def measured(runs: list[TrainRun]) -> dict[str, object]:
+        """The row's metrics: each one the mean over the runs that finished (one row per experiment)."""
+        finished = [run for run in runs if run.outcome.summary is not None]
+        columns: dict[str, object] = {"runs": len(runs), "wall_seconds": round(sum(r.outcome.wall_seconds for r in runs), 1)}
+        if not finished:
+            return columns
+
+        def mean(key: str) -> float | None:
+            values = [run.outcome.summary.number(key) for run in finished if key in run.outcome.summary.values]
+            values = [value for value in values if math.isfinite(value)]
+            return statistics.fmean(values) if values else None
+
+        columns.update(val_bpb=mean("val_bpb"), val_loss=mean("val_loss"), val_accuracy=mean("val_accuracy"),
+                       val_perplexity=mean("val_perplexity"), training_seconds=mean("training_seconds"),
+                       num_steps=mean("num_steps"), tokens_per_second=mean("tokens_per_second"),
+                       memory_gb=max(run.outcome.summary.number("peak_memory_mb") for run in finished) / 1024,
+                       run_values=" ".join(f"{run.seed}:{run.outcome.summary.val_bpb:.6f}" for run in finished))
+        return columns
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -225,9 +239,10 @@ class Loop:
             index = len(self.baselines)
             seed = self.config.seed + index
             name = f"{len(self.rows()) + 1:03d}-baseline"
-            outcome, problem = self.train(name, f"baseline {index + 1}/{self.config.baseline_repeats} (seed {seed})", seed)
+            run = self.train(name, f"baseline {index + 1}/{self.config.baseline_repeats} (seed {seed})", seed)
+            outcome, problem = run.outcome, run.problem
             row = dict(commit=self.base_commit[:7], experiment="baseline", seed=seed, parent=self.base_commit[:7],
-                       description=f"baseline {index + 1}/{self.config.baseline_repeats}", **self.measured(outcome))
+                       description=f"baseline {index + 1}/{self.config.baseline_repeats}", **self.measured([run]))
             if outcome.status == "ok" and not problem and index == 0:
                 problem, _ = self.guard.verify(self.config.runs_dir / name, outcome.summary.val_bpb)
             if outcome.status != "ok" or problem:
@@ -275,7 +290,7 @@ class Loop:
 
     def experiment(self, proposal: Proposal, proposer: Proposer, state: ProposerState) -> bool:
         """Commit, run, judge and record a proposal; whether it was run at all."""
-        parent, best = self.best_commit, self.best_val
+        parent, best = self.best_commit, list(self.best_values)
         n = len(self.rows()) + 1
         name = f"{n:03d}-{proposal.experiment}"
         base = dict(experiment=proposal.experiment, description=proposal.description, parent=parent[:7],
@@ -291,11 +306,32 @@ class Loop:
             self.finish(name, sha, parent, dict(base, commit=sha[:7], status="invalid", reason=f"not run: {refused}"))
             return False
         self.experiments_run += 1
-        outcome, problem = self.train(name, proposal.description, self.config.seed)
+        proposal, sha, name, run, attempts, repaired = self.run_with_repair(proposal, proposer, state, sha, name, n)
+        added, removed = self.branch.line_changes(parent, sha)
+        row = dict(base, commit=sha[:7], description=proposal.description, lines_added=added, lines_removed=removed,
+                   attempts=attempts)
+        if run.problem:
+            runs, status, reason = [run], "invalid", run.problem
+        elif run.outcome.status != "ok":
+            runs, status, reason = [run], run.outcome.status, run.outcome.reason + repaired
+        else:
+            runs, status, reason, verdict = self.judged(name, proposal, run, best, added, removed)
+            row.update(delta=verdict.delta, threshold=verdict.threshold)
+            if status == "keep":
+                problem, _ = self.guard.verify(runs[-1].outcome.log_path.parent, runs[-1].outcome.summary.val_bpb)
+                if problem:
+                    status, reason = "invalid", f"{problem} (the judge would have kept it: {reason})"
+        self.finish(name, sha, parent, dict(row, **self.measured(runs), status=status, reason=reason))
+        return True
+
+    def run_with_repair(self, proposal: Proposal, proposer: Proposer, state: ProposerState, sha: str, name: str,
+                        n: int) -> tuple[Proposal, str, str, TrainRun, int, str]:
+        """The first run, and while it crashes, the proposer's repairs of its own edit (amending the commit)."""
+        run = self.train(name, proposal.description, self.config.seed)
         attempts = reruns = 0  # repair conversations, and the runs of what they repaired
-        while outcome.status == "crash" and attempts < self.config.repair_attempts and hasattr(proposer, "repair"):
+        while run.outcome.status == "crash" and attempts < self.config.repair_attempts and hasattr(proposer, "repair"):
             attempts += 1
-            fixed = proposer.repair(state, proposal, outcome.tail, attempts)
+            fixed = proposer.repair(state, proposal, run.outcome.tail, attempts)
             if not isinstance(fixed, Proposal) or syntax_problem(fixed.train_py) or self.guard.check_source(fixed.train_py):
                 break
             self.branch.keep_ref(sha, f"{name}-attempt{attempts}")
@@ -303,38 +339,28 @@ class Loop:
             sha = self.branch.amend(f"{proposal.experiment}: {proposal.description}", {"train.py": proposal.train_py})
             name = f"{n:03d}-{proposal.experiment}-repair{attempts}"
             reruns += 1
-            outcome, problem = self.train(name, proposal.description, self.config.seed)
-        added, removed = self.branch.line_changes(parent, sha)
-        row = dict(base, commit=sha[:7], description=proposal.description, lines_added=added, lines_removed=removed,
-                   attempts=attempts, **self.measured(outcome))
+            run = self.train(name, proposal.description, self.config.seed)
         repaired = f" (still failing after {reruns} repaired run{'s' if reruns != 1 else ''})" if reruns else ""
-        if problem:
-            status, reason = "invalid", problem
-        elif outcome.status != "ok":
-            status, reason = outcome.status, outcome.reason + repaired
-        else:
-            values = [outcome.summary.val_bpb]
-            verdict = self.judge(values, best, added, removed)
-            status, reason = verdict.status, verdict.reason
-            if status == "confirm":
-                again, problem = self.train(f"{name}-confirm", f"confirming {proposal.description}", self.config.seed)
-                if problem:
-                    status, reason = "invalid", f"confirming re-run: {problem}"
-                elif again.status != "ok":
-                    status, reason = "discard", f"the confirming re-run failed: {again.reason}"
-                else:
-                    outcome = again
-                    values.append(again.summary.val_bpb)
-                    verdict = self.judge(values, best, added, removed)
-                    status, reason = verdict.status, verdict.reason
-                    row.update(val_bpb=statistics.fmean(values))
-            row["delta"] = statistics.fmean(values) - best
-            if status == "keep":
-                problem, _ = self.guard.verify(outcome.log_path.parent, outcome.summary.val_bpb)
-                if problem:
-                    status, reason = "invalid", f"{problem} (the judge would have kept it: {reason})"
-        self.finish(name, sha, parent, dict(row, status=status, reason=reason))
-        return True
+        return proposal, sha, name, run, attempts, repaired
+
+    def judged(self, name: str, proposal: Proposal, first: TrainRun, best: list[float], added: int,
+               removed: int) -> tuple[list[TrainRun], str, str, Verdict]:
+        """Judge the first run; while the judge asks to confirm, run again on the next baseline's seed, so
+        each run is paired with the best's run on the same seed. The runs, the status and why."""
+        runs = [first]
+        verdict = self.judge([r.outcome.summary.val_bpb for r in runs], best, added, removed)
+        while verdict.status == "confirm":
+            if len(runs) >= self.config.max_runs:
+                return runs, "discard", f"{verdict.reason}; still undecided after {len(runs)} runs (--max-runs)", verdict
+            seed = self.config.seed + len(runs)
+            again = self.train(f"{name}-run{len(runs) + 1}", f"confirming {proposal.description} (seed {seed})", seed)
+            if again.problem:
+                return runs + [again], "invalid", f"confirming run: {again.problem}", verdict
+            if again.outcome.status != "ok":
+                return runs, "discard", f"the confirming run (seed {seed}) failed: {again.outcome.reason}", verdict
+            runs.append(again)
+            verdict = self.judge([r.outcome.summary.val_bpb for r in runs], best, added, removed)
+        return runs, verdict.status, verdict.reason, verdict
 
     def finish(self, name: str, sha: str, parent: str, row: dict[str, object]) -> None:
         """Keep the commit under a ref, record the row, then advance the best or go back to it."""
@@ -343,7 +369,8 @@ class Loop:
         self.record(row)
         self.done.add(str(row["experiment"]))
         if row["status"] == "keep":
-            self.best_commit, self.best_val = sha, float(row["val_bpb"])
+            self.best_commit, self.best_values = sha, run_values(row)
+            self.best_val = statistics.fmean(self.best_values)
             self.view.best(self.best_val, self.floor.describe())
         else:
             self.branch.reset(parent)
@@ -351,10 +378,27 @@ class Loop:
                 checkpoint.unlink()
         self.stop_if_untrusted()
 
-    def judge(self, values: list[float], best: float, added: int, removed: int):
+    def judge(self, values: list[float], best: list[float], added: int, removed: int) -> Verdict:
         c = self.config
-        return JUDGES[c.judge](values, [best], self.floor, k=c.k, min_delta=c.min_delta or 0.0,
+        return JUDGES[c.judge](values, best, self.floor, k=c.k, min_delta=c.min_delta or 0.0,
                                lines_added=added, lines_removed=removed, confirm_margin=c.confirm_margin)
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """One run of train.py: how it ended, its seed, and what the guard found wrong with it, if anything."""
+
+    outcome: RunOutcome
+    seed: int
+    problem: str | None
+
+
+def run_values(row: dict[str, object]) -> list[float]:
+    """A kept row's val_bpb per run in seed order (`seed:value ...`); rows without them count as one run."""
+    text = str(row.get("run_values") or "")
+    if text:
+        return [float(pair.split(":", 1)[1]) for pair in text.split()]
+    return [float(row["val_bpb"])]
 
 
 def syntax_problem(source: str) -> str | None:
@@ -408,6 +452,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-delta", type=float, help="smallest improvement worth keeping (needed with --baseline-repeats 1)")
     p.add_argument("--confirm-margin", type=float, default=0.5,
                    help="re-run every would-be keep and near misses within this fraction of the threshold (0: never)")
+    p.add_argument("--max-runs", type=int, default=2,
+                   help="runs one experiment may take while the judge asks to confirm (run i uses baseline i's seed)")
     p.add_argument("--max-crashes", type=int, default=3, help="stop after this many crashes in a row")
     p.add_argument("--repair-attempts", type=int, default=2, help="crash repairs an LLM proposer may try")
     p.add_argument("--seed", type=int, default=42)
@@ -438,7 +484,7 @@ def build_config(args: argparse.Namespace) -> LoopConfig:
             max_hours=args.max_hours, preset=preset,
             time_budget=args.time_budget or (DEMO_BUDGET if args.demo else None),
             baseline_repeats=args.baseline_repeats, judge=args.judge, k=args.k, min_delta=args.min_delta,
-            confirm_margin=args.confirm_margin, max_crashes=args.max_crashes, repair_attempts=args.repair_attempts,
+            confirm_margin=args.confirm_margin, max_runs=args.max_runs, max_crashes=args.max_crashes, repair_attempts=args.repair_attempts,
             seed=args.seed, cache=Path(cache) if cache else None, timeout=args.timeout, demo=args.demo,
             model=args.model or os.environ.get("AUTORESEARCH_MODEL"), max_cost=args.max_cost,
             prices=args.prices, python=sys.executable)
