@@ -53,6 +53,8 @@ COLUMNS = (
     "run_values",        # each judged run's val_bpb as seed:value, space-separated, in run order
     "tokens_per_second", # training throughput, averaged over the row's runs
     "probe_ratio",       # the slower machine-speed probe around the run over the tag's reference (1.00 = as fast)
+    "probe_seconds",     # the faster machine-speed probe around the run; the first baseline's is the tag's reference
+    "cpu_per_second",    # CPU-seconds per wall second the run's process group got (less than the reference: shared CPUs)
     "test_bpb",          # bits per byte on the test split, scored by the fresh verification process; empty if not scored
     "threshold",         # the bar the decision used: a keep needed delta < -threshold; empty when no judge ran
 )
@@ -63,7 +65,7 @@ _FLOAT_FORMATS = {
     "val_bpb": ".6f", "val_loss": ".6f", "delta": ".6f", "sigma": ".6f",
     "memory_gb": ".1f", "cost_usd": ".4f", "val_accuracy": ".6f", "val_perplexity": ".4f",
     "training_seconds": ".1f", "wall_seconds": ".1f", "time_budget": "g",
-    "tokens_per_second": ".0f", "probe_ratio": ".3f", "test_bpb": ".6f", "threshold": ".6f",
+    "tokens_per_second": ".0f", "probe_ratio": ".3f", "probe_seconds": ".4f", "cpu_per_second": ".2f", "test_bpb": ".6f", "threshold": ".6f",
 }
 _INTEGER_COLUMNS = {
     "seed", "num_steps", "lines_added", "lines_removed", "attempts",

@@ -25,7 +25,7 @@ def row(**values) -> dict[str, object]:
 
 def test_columns_start_with_the_autoresearch_five():
     assert COLUMNS[:5] == ("commit", "val_bpb", "memory_gb", "status", "description")
-    assert len(COLUMNS) == len(set(COLUMNS)) == 35
+    assert len(COLUMNS) == len(set(COLUMNS)) == 37
     assert STATUSES == ("keep", "discard", "crash", "timeout", "invalid", "contended")
 
 
@@ -152,7 +152,7 @@ def test_truncated_last_line_is_reported_and_kept(tmp_path):
     assert (fragment["val_bpb"], fragment["memory_gb"], fragment["status"]) == ("0.991000", "44.0", "disc")
     assert all(fragment[column] == "" for column in COLUMNS[4:])
     assert len(read.problems) == 1
-    assert "line 4" in read.problems[0] and "4 of 35 fields" in read.problems[0]
+    assert "line 4" in read.problems[0] and "4 of 37 fields" in read.problems[0]
 
 
 def test_a_complete_row_without_its_newline_is_not_dropped(tmp_path):
@@ -172,7 +172,7 @@ def test_a_short_line_in_the_middle_is_reported_and_kept(tmp_path):
     path.write_text(HEADER + "\nshort\t1.0\n" + "\t".join(["x"] * len(COLUMNS)) + "\n")
     read = Ledger(path).read()
     assert [r["commit"] for r in read.rows] == ["short", "x"]
-    assert read.problems == [f"{path} line 2 has 2 of 35 fields, read with the missing fields empty."]
+    assert read.problems == [f"{path} line 2 has 2 of 37 fields, read with the missing fields empty."]
 
 
 def test_repair_moves_the_fragment_aside_and_the_next_append_is_clean(tmp_path):
