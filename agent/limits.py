@@ -32,8 +32,12 @@ class Limits:
         self.max_crashes = max_crashes
         self.started = time.monotonic()
 
-    def check(self, experiments: int, consecutive_crashes: int, consecutive_refusals: int = 0) -> None:
+    def check(self, experiments: int, consecutive_crashes: int, consecutive_refusals: int = 0,
+              consecutive_contended: int = 0) -> None:
         """Raise the LoopStop that applies, if any, before a new experiment starts."""
+        if consecutive_contended >= self.max_crashes:
+            raise CrashLimit(f"the last {consecutive_contended} experiments never had the machine to themselves "
+                             f"(status contended); stop what else is running, then run again with the same tag.")
         if consecutive_crashes >= self.max_crashes:
             raise CrashLimit(f"{consecutive_crashes} experiments crashed in a row; read the last logs under runs/, "
                              f"fix the cause, then run again with the same tag.")

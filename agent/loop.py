@@ -22,7 +22,7 @@ import signal
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -38,6 +38,7 @@ from agent.guard import Guard  # noqa: E402
 from agent.judge import JUDGES, NoiseFloor, Verdict, noise_floor  # noqa: E402
 from agent.ledger import Ledger  # noqa: E402
 from agent.limits import BacklogExhausted, Limits  # noqa: E402
+from agent.probe import Probe, ProbeError, Reference, contention, probe_ratio, wait_until_quiet  # noqa: E402
 from agent.proposer import BacklogProposer, Proposal, Proposer, ProposerState, Skip  # noqa: E402
 from agent.runner import RunOutcome, default_timeout, kill_stale, run_training, training_env  # noqa: E402
 from agent.stops import LoopStop, UserError  # noqa: E402
@@ -113,7 +114,9 @@ class Loop:
         self.experiments_run = 0
         self.crashes_in_a_row = 0   # in this invocation: a resumed tag gets a fresh allowance
         self.refusals_in_a_row = 0  # LLM proposals in a row that could not be run
+        self.contended_in_a_row = 0  # experiments in a row that never got a quiet machine
         self.left_for_llm: set[str] = set()
+        self.probe: Probe | None = None  # the machine-speed probe's worker, open while run() runs
 
     # -- state, derived from the ledger and git ----------------------------------------------
 
@@ -152,13 +155,34 @@ class Loop:
                 self.best_commit, self.best_values = self._full_sha(row["commit"]), run_values(row)
         self.best_val = statistics.fmean(self.best_values) if self.best_values else None
         self.floor: NoiseFloor = noise_floor([float(r["val_bpb"]) for r in self.baselines])
+        first = self.baselines[0] if self.baselines else {}
+        self.reference = (Reference(float(first["probe_seconds"]), float(first["cpu_per_second"]) if first["cpu_per_second"] else None)
+                          if first.get("probe_seconds") else None)  # the machine as the first baseline found it
         # a contended experiment measured the load, not the change: it runs again
         self.done = {r["experiment"] for r in rows if r["experiment"] != "baseline" and r["status"] != "contended"}
 
     # -- one run of train.py -----------------------------------------------------------------
 
     def train(self, name: str, description: str, seed: int) -> TrainRun:
-        """One run of train.py in the worktree: the outcome and what the guard found wrong, if anything."""
+        """A fair run of train.py: one that had its machine to itself. A run that shared it is never judged:
+        wait until the probe is clean again and run it once more, up to --contention-retries times."""
+        c = self.config
+        run = self.train_once(name, description, seed)
+        for retry in range(1, c.contention_retries + 1):
+            if run.contended is None:
+                break
+            self.view.note(f"{name} is not judged, it shared its machine: {run.contended}")
+            quiet = wait_until_quiet(self.probe, run.reference, c.contention_tolerance, first_wait=c.contention_wait)
+            if not quiet.quiet:
+                run = replace(run, contended=f"{run.contended}; then {quiet.reason}")
+                continue
+            self.view.note(f"{name}: {quiet.reason}; running it again ({retry}/{c.contention_retries})")
+            run = self.train_once(f"{name}-retry{retry}", description, seed)
+        return run
+
+    def train_once(self, name: str, description: str, seed: int) -> TrainRun:
+        """One run of train.py in the worktree between two machine-speed probes: the outcome, whether it
+        shared its machine, and what the guard found wrong, if anything."""
         run_dir = self.config.runs_dir / name
         env = training_env(preset=self.config.preset, time_budget=self.time_budget, seed=seed, run_dir=run_dir,
                            cache=self.config.cache)
@@ -166,15 +190,20 @@ class Loop:
             self.branch.reset(self.branch.head())
             self.stop_if_untrusted()
         self.view.started(name, description)
+        before = self.probe.measure()
         outcome = run_training(self.branch.path, env, run_dir / "train.log", self.timeout,
                                on_progress=self.view.progress, command=(self.config.python, "train.py"),
-                               pid_file=self.pid_file)
+                               pid_file=self.pid_file, gpu_watch=self.probe.gpu_watch)
+        after = self.probe.measure()
         problem = self.guard.check_files()
         if problem:
             self.branch.reset(self.branch.head())  # puts the worktree's prepare.py back
         elif outcome.status == "ok":
             problem = self.guard.check_time(outcome, self.time_budget)
-        return TrainRun(outcome, seed, problem)
+        reference = self.reference or Reference.from_run(before, after, outcome)
+        contended = None if problem else contention(before, after, self.reference, outcome, self.config.contention_tolerance)
+        return TrainRun(outcome, seed, problem, contended, reference, min(before.seconds, after.seconds),
+                        probe_ratio(before, after, reference))
 
     def stop_if_untrusted(self) -> None:
         """A changed harness or data cache cannot be trusted, nor restored from git: stop."""
@@ -200,7 +229,11 @@ class Loop:
     def measured(runs: list[TrainRun]) -> dict[str, object]:
         """The row's metrics: each one the mean over the runs that finished (one row per experiment)."""
         finished = [run for run in runs if run.outcome.summary is not None]
-        columns: dict[str, object] = {"runs": len(runs), "wall_seconds": round(sum(r.outcome.wall_seconds for r in runs), 1)}
+        cpu = [run.outcome.cpu_per_second for run in runs if run.outcome.cpu_per_second is not None]
+        columns: dict[str, object] = {"runs": len(runs), "wall_seconds": round(sum(r.outcome.wall_seconds for r in runs), 1),
+                                      "probe_ratio": max(run.probe_ratio for run in runs),
+                                      "probe_seconds": min(run.probe_seconds for run in runs),
+                                      "cpu_per_second": statistics.fmean(cpu) if cpu else None}
         if not finished:
             return columns
 
@@ -223,16 +256,31 @@ class Loop:
         self.derive(rows)
         self.branch.reset(self.best_commit)
         try:
+            self.open_probe()
             self.run_baselines()
             self.view.best(self.best_val, self.floor.describe())
             while True:
-                self.limits.check(self.experiments_run, self.crashes_in_a_row, self.refusals_in_a_row)
+                self.limits.check(self.experiments_run, self.crashes_in_a_row, self.refusals_in_a_row,
+                                  self.contended_in_a_row)
                 self.step()
         except KeyboardInterrupt:
             self.branch.reset(self.best_commit)
             raise
         finally:
+            if self.probe is not None:
+                self.probe.close()
             self.view.note(self.guard.costs.describe())
+
+    def open_probe(self) -> None:
+        """Start the machine-speed probe on the device the runs use, with the runs' environment."""
+        env = training_env(preset=self.config.preset, time_budget=self.time_budget, seed=self.config.seed,
+                           run_dir=self.config.runs_dir, cache=self.config.cache)
+        try:
+            self.probe = Probe("cuda" if self.config.preset == "gpu" else "cpu", env, python=self.config.python).open()
+        except ProbeError as e:
+            raise UserError(f"{e}; check that {self.config.python} can import torch (and see the GPU for the gpu preset).") from None
+        if self.probe.gpu_note:
+            self.view.note(self.probe.gpu_note)
 
     def run_baselines(self) -> None:
         while len(self.baselines) < self.config.baseline_repeats and not self.done:
@@ -243,6 +291,10 @@ class Loop:
             outcome, problem = run.outcome, run.problem
             row = dict(commit=self.base_commit[:7], experiment="baseline", seed=seed, parent=self.base_commit[:7],
                        description=f"baseline {index + 1}/{self.config.baseline_repeats}", **self.measured([run]))
+            if run.contended:
+                self.record(dict(row, status="contended", reason=self.contended_reason(run)))
+                raise LoopStop(f"the baseline never had the machine to itself ({run.contended}), so it would "
+                               f"measure the load, not train.py; stop what else is running, then run again.")
             if outcome.status == "ok" and not problem and index == 0:
                 problem, _ = self.guard.verify(self.config.runs_dir / name, outcome.summary.val_bpb)
             if outcome.status != "ok" or problem:
@@ -312,6 +364,8 @@ class Loop:
                    attempts=attempts)
         if run.problem:
             runs, status, reason = [run], "invalid", run.problem
+        elif run.contended:
+            runs, status, reason = [run], "contended", self.contended_reason(run)
         elif run.outcome.status != "ok":
             runs, status, reason = [run], run.outcome.status, run.outcome.reason + repaired
         else:
@@ -329,7 +383,8 @@ class Loop:
         """The first run, and while it crashes, the proposer's repairs of its own edit (amending the commit)."""
         run = self.train(name, proposal.description, self.config.seed)
         attempts = reruns = 0  # repair conversations, and the runs of what they repaired
-        while run.outcome.status == "crash" and attempts < self.config.repair_attempts and hasattr(proposer, "repair"):
+        while (run.outcome.status == "crash" and not run.contended and attempts < self.config.repair_attempts
+               and hasattr(proposer, "repair")):
             attempts += 1
             fixed = proposer.repair(state, proposal, run.outcome.tail, attempts)
             if not isinstance(fixed, Proposal) or syntax_problem(fixed.train_py) or self.guard.check_source(fixed.train_py):
@@ -356,6 +411,8 @@ class Loop:
             again = self.train(f"{name}-run{len(runs) + 1}", f"confirming {proposal.description} (seed {seed})", seed)
             if again.problem:
                 return runs + [again], "invalid", f"confirming run: {again.problem}", verdict
+            if again.contended:
+                return runs + [again], "contended", f"confirming run: {self.contended_reason(again)}", verdict
             if again.outcome.status != "ok":
                 return runs, "discard", f"the confirming run (seed {seed}) failed: {again.outcome.reason}", verdict
             runs.append(again)
@@ -365,6 +422,7 @@ class Loop:
     def finish(self, name: str, sha: str, parent: str, row: dict[str, object]) -> None:
         """Keep the commit under a ref, record the row, then advance the best or go back to it."""
         self.crashes_in_a_row = self.crashes_in_a_row + 1 if row["status"] == "crash" else 0
+        self.contended_in_a_row = self.contended_in_a_row + 1 if row["status"] == "contended" else 0
         self.branch.keep_ref(sha, name)
         self.record(row)
         self.done.add(str(row["experiment"]))
@@ -378,6 +436,11 @@ class Loop:
                 checkpoint.unlink()
         self.stop_if_untrusted()
 
+    def contended_reason(self, run: TrainRun) -> str:
+        retries = self.config.contention_retries
+        return (f"shared its machine, so not judged: {run.contended} (after {retries} re-run{'s' if retries != 1 else ''}); "
+                f"it runs again on resume")
+
     def judge(self, values: list[float], best: list[float], added: int, removed: int) -> Verdict:
         c = self.config
         return JUDGES[c.judge](values, best, self.floor, k=c.k, min_delta=c.min_delta or 0.0,
@@ -386,11 +449,16 @@ class Loop:
 
 @dataclass(frozen=True)
 class TrainRun:
-    """One run of train.py: how it ended, its seed, and what the guard found wrong with it, if anything."""
+    """One run of train.py: how it ended, its seed, what the guard found wrong with it, and whether it
+    shared its machine (then it measured the load, not the change)."""
 
     outcome: RunOutcome
     seed: int
     problem: str | None
+    contended: str | None  # why the run was not alone on its machine; None when it was
+    reference: Reference  # the machine-speed reference it was compared with (its own probes for the first run)
+    probe_seconds: float  # the faster probe around the run
+    probe_ratio: float  # the slower probe around the run over the reference
 
 
 def run_values(row: dict[str, object]) -> list[float]:
@@ -454,6 +522,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="re-run every would-be keep and near misses within this fraction of the threshold (0: never)")
     p.add_argument("--max-runs", type=int, default=2,
                    help="runs one experiment may take while the judge asks to confirm (run i uses baseline i's seed)")
+    p.add_argument("--contention-tolerance", type=float, default=0.10,
+                   help="a run whose machine-speed probe is this much slower than the first baseline's is not judged")
+    p.add_argument("--contention-retries", type=int, default=3,
+                   help="re-runs of a run that shared its machine, each after waiting for a quiet probe")
+    p.add_argument("--contention-wait", type=float, default=10.0,
+                   help="seconds before the first re-probe of a busy machine; the wait doubles each time")
     p.add_argument("--max-crashes", type=int, default=3, help="stop after this many crashes in a row")
     p.add_argument("--repair-attempts", type=int, default=2, help="crash repairs an LLM proposer may try")
     p.add_argument("--seed", type=int, default=42)
@@ -484,7 +558,9 @@ def build_config(args: argparse.Namespace) -> LoopConfig:
             max_hours=args.max_hours, preset=preset,
             time_budget=args.time_budget or (DEMO_BUDGET if args.demo else None),
             baseline_repeats=args.baseline_repeats, judge=args.judge, k=args.k, min_delta=args.min_delta,
-            confirm_margin=args.confirm_margin, max_runs=args.max_runs, max_crashes=args.max_crashes, repair_attempts=args.repair_attempts,
+            confirm_margin=args.confirm_margin, max_runs=args.max_runs, max_crashes=args.max_crashes,
+            contention_tolerance=args.contention_tolerance, contention_retries=args.contention_retries,
+            contention_wait=args.contention_wait, repair_attempts=args.repair_attempts,
             seed=args.seed, cache=Path(cache) if cache else None, timeout=args.timeout, demo=args.demo,
             model=args.model or os.environ.get("AUTORESEARCH_MODEL"), max_cost=args.max_cost,
             prices=args.prices, python=sys.executable)

@@ -1,0 +1,98 @@
+"""Fair runs through the real loop: a run that shared its machine is never judged.
+
+The loop probes the machine's speed before and after every run (agent/probe.py); these tests start
+two CPU-burning processes of their own while a candidate trains, and check that the candidate is
+re-run once the machine is quiet, or recorded `contended` (and run again on resume), never kept on
+the strength of a busy machine. The stand-in train.py of tests/test_loop.py does the training.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from test_loop import (FAST, NS_1, TAG, Project, cache, make_project, messages, no_stray_processes,  # noqa: F401
+                       project, wait_for)
+
+# the contention settings under test; FAST's tolerance is the default one
+QUICK_WAIT = ("--contention-wait", "0.2")
+
+
+@contextmanager
+def cpu_hogs(count: int = 2) -> Iterator[list[subprocess.Popen]]:
+    """`count` processes that burn a core each until the block ends."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield hogs
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+def candidate_started(project: Project, experiment: str) -> bool:
+    return (project.runs / experiment / "train.log").exists()
+
+
+def test_a_run_beside_a_cpu_hog_is_recorded_contended_and_runs_again_on_resume(project: Project):
+    backlog = project.backlog(NS_1)
+    loop = project.start("--tag", TAG, "--backlog", backlog, *FAST, *QUICK_WAIT, "--contention-retries", "0")
+    try:
+        assert wait_for(lambda: candidate_started(project, "003-NS-1"), 240), project.output()
+        with cpu_hogs():
+            assert loop.wait(240) == 0, project.output()
+    finally:
+        loop.kill()
+    rows = project.rows()
+    assert [(r["experiment"], r["status"]) for r in rows] == [
+        ("baseline", "keep"), ("baseline", "keep"), ("NS-1", "contended")], project.output()
+    contended = rows[2]
+    assert "shared its machine, so not judged" in contended["reason"] and "it runs again on resume" in contended["reason"]
+    assert "reference" in contended["reason"] or "CPU-seconds" in contended["reason"], contended["reason"]
+    assert contended["delta"] == "" and contended["threshold"] == ""  # never judged
+    assert float(contended["probe_ratio"]) > 1.10 or "CPU-seconds" in contended["reason"]
+    said = messages(project.output())
+    assert any(m.startswith("003-NS-1 is not judged, it shared its machine:") for m in said), said
+    assert project.branch() == project.sha(rows[0]["commit"])  # the best did not move
+
+    resumed = project.loop("--tag", TAG, "--backlog", backlog, *FAST, *QUICK_WAIT)
+
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    rows = project.rows()
+    assert [(r["experiment"], r["status"]) for r in rows[3:]] == [("NS-1", "keep")], resumed.stdout
+    assert float(rows[3]["probe_ratio"]) <= 1.10
+
+
+def test_a_run_that_shared_its_machine_is_run_again_when_it_is_quiet(project: Project):
+    backlog = project.backlog(NS_1)
+    loop = project.start("--tag", TAG, "--backlog", backlog, *FAST, "--contention-wait", "1", "--contention-retries", "2")
+    try:
+        assert wait_for(lambda: candidate_started(project, "003-NS-1"), 240), project.output()
+        with cpu_hogs():
+            assert wait_for(lambda: "003-NS-1 is not judged" in project.output(), 240), project.output()
+        assert loop.wait(240) == 0, project.output()
+    finally:
+        loop.kill()
+    rows = project.rows()
+    assert [(r["experiment"], r["status"]) for r in rows] == [
+        ("baseline", "keep"), ("baseline", "keep"), ("NS-1", "keep")], project.output()
+    assert rows[2]["runs"] == "1" and float(rows[2]["probe_ratio"]) <= 1.10
+    said = messages(project.output())
+    assert any(m.startswith("003-NS-1: quiet again after") and "running it again (1/2)" in m for m in said), said
+    assert (project.runs / "003-NS-1-retry1" / "train.log").exists()
+
+
+def test_a_quiet_machine_leaves_every_run_alone(project: Project):
+    backlog = project.backlog(NS_1)
+
+    result = project.loop("--tag", TAG, "--backlog", backlog, *FAST, *QUICK_WAIT)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = project.rows()
+    assert [(r["experiment"], r["status"]) for r in rows] == [("baseline", "keep"), ("baseline", "keep"), ("NS-1", "keep")]
+    assert "not judged" not in result.stdout
+    assert float(rows[0]["probe_ratio"]) == 1.0 or float(rows[0]["probe_ratio"]) <= 1.10
+    for row in rows:
+        assert float(row["probe_seconds"]) > 0 and float(row["probe_ratio"]) <= 1.10
