@@ -23,12 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from agent.probe import GpuProcess, GpuWatch
 from agent.summary import Progress, Summary, parse_progress, parse_summary
 
 _SECRET_SUFFIXES = ("_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
 _GRACE_SECONDS = 5.0
 _POLL_SECONDS = 0.1
 _TAIL_LINES = 40
+_CPU_SCAN_SECONDS = 1.0  # between scans of /proc for the group's processes; the leader is read every poll
+_GPU_POLL_SECONDS = 5.0  # between nvidia-smi queries for other processes on the run's GPU
 _LINUX = sys.platform.startswith("linux")
 _PR_SET_PDEATHSIG = 1
 # Loaded here, not in the forked child, where loading a library could deadlock on a lock.
@@ -83,6 +86,15 @@ class RunOutcome:
     progress_times: tuple[float, ...]  # when each progress line arrived, seconds after the start
     log_path: Path
     tail: str
+    cpu_seconds: float | None = None  # user + system CPU time of the process group; None off Linux
+    gpu_sharers: tuple[GpuProcess, ...] | None = None  # others on the run's GPU; None when not watched
+
+    @property
+    def cpu_per_second(self) -> float | None:
+        """CPU-seconds the run's process group got per wall second: less than usual means it shared the CPUs."""
+        if self.cpu_seconds is None or self.wall_seconds <= 0:
+            return None
+        return self.cpu_seconds / self.wall_seconds
 
     @property
     def progress_seconds(self) -> float | None:
@@ -125,6 +137,72 @@ def _group_alive(pgid: int) -> bool:
             if stat and stat[2] == str(pgid) and stat[0] not in ("Z", "X"):
                 return True
     return False
+
+
+class _GroupCpu:
+    """The CPU time of a process group from /proc: each member's last seen utime + stime, summed.
+
+    The leader is read at every poll, the rest of the group once per scan, so a member that lives
+    shorter than a scan, and the leader's last poll interval, go uncounted.
+    """
+
+    def __init__(self, pgid: int) -> None:
+        self.pgid = pgid
+        self.ticks: dict[int, int] = {}
+        self.pids = frozenset({pgid})  # replaced whole, so the GPU thread reads a consistent set
+        self.next_scan = 0.0
+
+    def _record(self, pid: int) -> None:
+        stat = _proc_stat(pid)
+        if stat and stat[2] == str(self.pgid):
+            self.ticks[pid] = max(self.ticks.get(pid, 0), int(stat[11]) + int(stat[12]))
+
+    def sample(self) -> None:
+        if not _LINUX:
+            return
+        self._record(self.pgid)
+        if time.monotonic() >= self.next_scan:
+            self.next_scan = time.monotonic() + _CPU_SCAN_SECONDS
+            for entry in os.scandir("/proc"):
+                if entry.name.isdigit():
+                    self._record(int(entry.name))
+            self.pids = frozenset(self.ticks)
+
+    @property
+    def seconds(self) -> float | None:
+        return sum(self.ticks.values()) / os.sysconf("SC_CLK_TCK") if _LINUX else None
+
+
+class _GpuSharers(threading.Thread):
+    """Polls nvidia-smi while the run lasts for processes on its GPU that are neither its own nor the harness's."""
+
+    def __init__(self, watch: GpuWatch, pgid: int) -> None:
+        super().__init__(daemon=True)
+        self.watch = watch
+        self.pgid = pgid
+        self.found: dict[int, GpuProcess] = {}
+        self.known = False
+        self.stopped = threading.Event()
+
+    def _in_group(self, pid: int) -> bool:
+        stat = _proc_stat(pid)
+        return stat is not None and stat[2] == str(self.pgid)
+
+    def run(self) -> None:
+        while True:
+            others = self.watch.others()
+            if others is not None:
+                self.known = True
+                for process in others:
+                    if not self._in_group(process.pid):
+                        self.found.setdefault(process.pid, process)
+            if self.stopped.wait(_GPU_POLL_SECONDS):
+                return
+
+    def sharers(self) -> tuple[GpuProcess, ...] | None:
+        self.stopped.set()
+        self.join()
+        return tuple(self.found.values()) if self.known else None
 
 
 def _signal_group(pgid: int, signum: int) -> None:
@@ -237,8 +315,12 @@ def run_training(
     on_progress: Callable[[Progress], None] | None = None,
     command: Sequence[str] = (sys.executable, "train.py"),
     pid_file: Path | None = None,
+    gpu_watch: GpuWatch | None = None,
 ) -> RunOutcome:
     """Run `command` in `workdir` until it exits or `timeout` seconds pass; how it ended.
+
+    The outcome carries the CPU time the run's process group got and, given a `gpu_watch`
+    (`Probe.gpu_watch`), the other processes seen on the run's GPU while it ran.
 
     Callbacks run in the calling thread; an exception from them (or a KeyboardInterrupt) kills the
     run's process group and propagates. On Linux the run dies when the calling thread does.
@@ -266,6 +348,10 @@ def run_training(
     reader = threading.Thread(target=_read_output, args=(process.stdout, log, lines), daemon=True)
     reader.start()
     progress_times: list[float] = []
+    cpu = _GroupCpu(pgid)
+    gpu = _GpuSharers(gpu_watch, pgid) if gpu_watch is not None else None
+    if gpu is not None:
+        gpu.start()
 
     def handle(item: tuple[float, str]) -> None:
         arrived, line = item
@@ -282,6 +368,7 @@ def run_training(
         if pid_file is not None:
             _write_pid_file(pid_file, process.pid)
         while process.poll() is None:
+            cpu.sample()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 timed_out = True
@@ -305,6 +392,7 @@ def run_training(
             process.stdout.close()
         if pid_file is not None:
             pid_file.unlink(missing_ok=True)
+        gpu_sharers = gpu.sharers() if gpu is not None else None
     while not lines.empty():
         item = lines.get_nowait()
         if item is not None:
@@ -334,4 +422,6 @@ def run_training(
         progress_times=tuple(progress_times),
         log_path=log_path,
         tail="\n".join(tail_lines[-_TAIL_LINES:]),
+        cpu_seconds=cpu.seconds,
+        gpu_sharers=gpu_sharers,
     )
