@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import re
 import statistics
 import sys
@@ -581,11 +582,8 @@ def default_ledger() -> Path:
 
 
 def _relative(path: Path, start: Path) -> Path:
-    """`path` as a link from a file in `start` when it lies below it (report.md next to progress.png)."""
-    try:
-        return path.resolve().relative_to(start.resolve())
-    except ValueError:
-        return path
+    """`path` as a link from a file in `start`, so report.md's link to the plot works wherever both went."""
+    return Path(os.path.relpath(path.resolve(), start.resolve()))
 
 
 def run(args: argparse.Namespace) -> None:

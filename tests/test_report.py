@@ -382,3 +382,39 @@ def test_backlog_status_reads_the_backlog_from_a_github_issue(tmp_path, github):
                              capture_output=True, text=True, env=env)
     assert missing.returncode == 2
     assert missing.stderr.startswith("report: GitHub at") and "has no issue owner/repo#8 (HTTP 404" in missing.stderr
+
+
+def test_a_ledger_named_with_ledger_gets_its_report_beside_it(tmp_path):
+    """report.py --ledger, run from another directory, writes next to that ledger and leaves the repository's
+    own progress.png and report.md as they were; --out and --markdown still win."""
+    ledger = tmp_path / "night" / "experiments.tsv"
+    ledger.parent.mkdir()
+    write_ledger(ledger)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    own = {name: ((REPO / name).stat().st_mtime_ns if (REPO / name).exists() else None)
+           for name in ("progress.png", "report.md")}
+    result = subprocess.run([sys.executable, str(REPO / "agent" / "report.py"), "--ledger", str(ledger)],
+                            capture_output=True, text=True, cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert pixels(ledger.parent / "progress.png")[0] == (1200, 600)
+    assert (ledger.parent / "report.md").read_text() in result.stdout
+    assert "Plot of nov28: progress.png" in result.stdout
+    assert list(elsewhere.iterdir()) == []
+    assert own == {name: ((REPO / name).stat().st_mtime_ns if (REPO / name).exists() else None) for name in own}
+    chosen = subprocess.run([sys.executable, str(REPO / "agent" / "report.py"), "--ledger", str(ledger),
+                             "--out", "plots/night.png", "--markdown", "notes/night.md"],
+                            capture_output=True, text=True, cwd=elsewhere)
+    assert chosen.returncode == 0, chosen.stderr
+    assert pixels(elsewhere / "plots" / "night.png")[0] == (1200, 600)
+    assert (elsewhere / "notes" / "night.md").read_text().startswith("# autoresearch report: experiments.tsv")
+    assert "Plot of nov28: ../plots/night.png" in chosen.stdout  # the link works from where report.md is
+
+
+def test_help_says_where_the_plot_and_the_summary_go():
+    result = report("--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "--out OUT where the plot goes (default: progress.png next to the ledger that --ledger names" in text
+    assert "--markdown MARKDOWN where the summary goes (default: report.md next to the ledger that --ledger" in text
+    assert "results.tsv with or without its header" in text
