@@ -42,8 +42,7 @@ from agent.stops import UserError  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AUTORESEARCH_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")
-FAILED = ("crash", "timeout", "invalid")
-NOT_MEASURED = FAILED + ("contended",)  # rows whose val_bpb is no measurement of the change
+NOT_MEASURED = tuple(s for s in OUTCOMES if s not in ("keep", "discard"))  # no verdict: failed or contended
 PAUSE_SECONDS = 3600.0  # a gap between two rows longer than this is a stopped loop, not an experiment
 STEPS_TOLERANCE = 0.10  # a run whose steps differ from the baseline's by more than this is flagged
 _ID = re.compile(r"^\s*([A-Z][A-Z0-9]*-\d+)\b")
@@ -78,15 +77,18 @@ def read_rows(path: Path) -> Rows:
         return _read_results_tsv(path, header=True)
     if _is_result_row(first):
         return _read_results_tsv(path, header=False)
+    if len(first) == len(AUTORESEARCH_COLUMNS):
+        raise ReportError(f"the first line of {path} has five fields but is neither results.tsv's header nor a "
+                          f"row of it (commit, val_bpb as a number, memory_gb, status: one of "
+                          f"{', '.join(OUTCOMES)}, description); correct that line and run again.")
     read = Ledger(path).read()  # raises LedgerError, a UserError, for a file of another version
     return Rows(read.rows, read.problems, "experiments.tsv")
 
 
 def _is_result_row(fields: list[str]) -> bool:
-    """A results.tsv data line: five fields, a number for val_bpb and memory_gb, and a known status."""
-    if len(fields) != len(AUTORESEARCH_COLUMNS):
-        return False
-    return math.isfinite(_float(fields[1])) and math.isfinite(_float(fields[2])) and fields[3].strip() in OUTCOMES
+    """A results.tsv data line: five fields, a number for val_bpb, and a known status."""
+    return (len(fields) == len(AUTORESEARCH_COLUMNS) and math.isfinite(_float(fields[1]))
+            and fields[3].strip() in OUTCOMES)
 
 
 def _read_results_tsv(path: Path, *, header: bool) -> Rows:
@@ -328,7 +330,7 @@ def _describe_tag(s: TagSummary) -> list[str]:
                      f"{s.baselines[0]['commit'] or '-'}{steps}; {noise}{spread}")
     else:
         lines.append("- baseline: none finished, so nothing was judged")
-    failed_baselines = {status: n for status, n in s.baseline_counts.items() if status in NOT_MEASURED}
+    failed_baselines = {status: s.baseline_counts[status] for status in NOT_MEASURED if s.baseline_counts[status]}
     if failed_baselines:
         lines.append(f"- failed baseline runs: {sum(failed_baselines.values())} ("
                      + ", ".join(f"{n} {status}" for status, n in failed_baselines.items()) + "), listed below")

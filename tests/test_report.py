@@ -274,6 +274,11 @@ def test_missing_ledger_unknown_tag_and_foreign_columns_say_what_to_do(tmp_path)
     foreign.write_text("commit\tval_bpb\tnotes\nabc\t1.0\tx\n")
     wrong, _, _ = run_report(tmp_path, foreign)
     assert wrong.returncode == 2 and "columns from another version" in wrong.stderr
+    garbled = tmp_path / "results.tsv"
+    garbled.write_text("a1b2c3d\tfast\t44.0\tkeep\tbaseline\n")
+    unreadable, _, _ = run_report(tmp_path, garbled)
+    assert unreadable.returncode == 2 and "Traceback" not in unreadable.stderr
+    assert "the first line of" in unreadable.stderr and "correct that line and run again." in unreadable.stderr
     assert not png.exists()
 
 
