@@ -135,6 +135,12 @@ def _float(text: str | None) -> float:
         return math.nan
 
 
+def _score(text: str) -> float:
+    """A bits-per-byte score; nan when the row has none (empty, or a crash's 0)."""
+    value = _float(text)
+    return value if value > 0 else math.nan
+
+
 def _time(text: str) -> datetime | None:
     try:
         moment = datetime.fromisoformat(text)
@@ -196,7 +202,7 @@ class TagSummary:
 
     @property
     def best_test(self) -> float:
-        return _float(self.best_row["test_bpb"]) if self.best_row is not None else math.nan
+        return _score(self.best_row["test_bpb"]) if self.best_row is not None else math.nan
 
     @property
     def training_runs(self) -> int:
@@ -242,7 +248,7 @@ def summarize(tag: str, rows: list[dict[str, str]], *, k: float = 2.0) -> TagSum
                    for c in ("input_tokens", "cached_tokens", "output_tokens"))
     hours, pauses = _loop_hours(rows)
     return TagSummary(tag, rows, points, baselines, baseline,
-                      _float(baselines[0]["test_bpb"]) if baselines else math.nan,
+                      _score(baselines[0]["test_bpb"]) if baselines else math.nan,
                       statistics.fmean(steps) if steps else math.nan, sigma, best_row, best, counts,
                       baseline_counts, cost, tokens, hours, pauses)  # type: ignore[arg-type]
 
@@ -280,16 +286,19 @@ def _signed(value: float) -> str:
     return f"{value:+.6f}" if math.isfinite(value) else "n/a"
 
 
-def steps_cell(row: dict[str, str], baseline_steps: float) -> str:
-    """The run's optimizer steps, with how far they are from the baseline's when that is more than
-    STEPS_TOLERANCE: a value from a shorter run is not a measurement of the change alone."""
+def _steps(row: dict[str, str], baseline_steps: float) -> tuple[float, float]:
+    """The run's optimizer steps, and their relative difference from the baseline's when it exceeds
+    STEPS_TOLERANCE (else nan): a value from a shorter run is not a measurement of the change alone."""
     steps = _float(row["num_steps"])
+    off = steps / baseline_steps - 1 if baseline_steps > 0 else math.nan
+    return steps, off if abs(off) > STEPS_TOLERANCE else math.nan
+
+
+def steps_cell(row: dict[str, str], baseline_steps: float) -> str:
+    steps, off = _steps(row, baseline_steps)
     if not math.isfinite(steps):
         return "n/a"
-    text = f"{steps:.0f}"
-    if math.isfinite(baseline_steps) and baseline_steps > 0 and abs(steps / baseline_steps - 1) > STEPS_TOLERANCE:
-        text += f" ({100 * (steps / baseline_steps - 1):+.0f}% vs baseline)"
-    return text
+    return f"{steps:.0f}" + (f" ({off:+.0%} vs baseline)" if math.isfinite(off) else "")
 
 
 def _tokens_per_second(row: dict[str, str]) -> str:
@@ -339,8 +348,10 @@ def _describe_tag(s: TagSummary) -> list[str]:
         lines.append(f"- best: val_bpb {s.best:.6f}, test_bpb {_bpb(s.best_test)} at {s.best_row['commit']} "
                      f"({s.best_row['experiment']}), {gain:+.6f} ({100 * gain / s.baseline:+.2f}%) from the baseline "
                      f"over {len(s.kept)} kept experiment{'s' if len(s.kept) != 1 else ''}")
+        unscored = " and ".join(name for name, value in (("the baseline", s.baseline_test), ("the best", s.best_test))
+                                if math.isnan(value))
         on_test = (f"{test_gain:+.6f} ({100 * test_gain / s.baseline_test:+.2f}%)" if math.isfinite(test_gain)
-                   else "n/a (test_bpb was not scored for the baseline and the best)")
+                   else f"n/a (no test_bpb for {unscored})")
         lines.append(f"- gain on test: {on_test}, the unbiased estimate; on val: {gain:+.6f}, biased in the "
                      f"night's favour, because the search kept what happened to score well on val")
     elif s.baselines:
@@ -364,7 +375,7 @@ def _describe_tag(s: TagSummary) -> list[str]:
                   "| commit | experiment | val_bpb | delta | test_bpb | test delta | steps | tok/s | runs | reason | "
                   "description |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in s.kept:
-            test = _float(p.row["test_bpb"])
+            test = _score(p.row["test_bpb"])
             lines.append(f"| {p.row['commit']} | {p.row['experiment']} | {p.value:.6f} | {_signed(p.delta)} | "
                          f"{_bpb(test)} | {_signed(test - previous_test)} | {steps_cell(p.row, s.baseline_steps)} | "
                          f"{_tokens_per_second(p.row)} | {p.runs} | {_cell(p.row['reason']) or '-'} | "
@@ -407,8 +418,8 @@ def _label(row: dict[str, str]) -> str:
 
 def _other_length(p: Point, baseline_steps: float) -> str:
     """`, 380 steps (-37% vs baseline)` for a run of another length than the baseline's, else nothing."""
-    steps = steps_cell(p.row, baseline_steps)
-    return f", {steps.replace(' (', ' steps (', 1)}" if "vs baseline" in steps else ""
+    steps, off = _steps(p.row, baseline_steps)
+    return f", {steps:.0f} steps ({off:+.0%} vs baseline)" if math.isfinite(off) else ""
 
 
 MARKERS = {  # rows that measured nothing, marked along the top edge: marker, colour, legend label

@@ -300,7 +300,7 @@ def test_autoresearch_results_tsv(tmp_path, header):
     assert "- baseline: val_bpb 0.997900, test_bpb n/a at a1b2c3d; noise floor unknown (one baseline run)" in text
     assert ("- best: val_bpb 0.990000, test_bpb n/a at e5f6a7b (NS-1), -0.007900 (-0.79%) from the baseline "
             "over 2 kept") in text
-    assert "- gain on test: n/a (test_bpb was not scored for the baseline and the best), the unbiased estimate" in text
+    assert "- gain on test: n/a (no test_bpb for the baseline and the best), the unbiased estimate" in text
     assert "- outcomes: 2 keep, 1 discard, 1 crash, 0 timeout, 0 invalid, 0 contended" in text
     assert "experiments per hour is unknown" in text
     assert "| b2c3d4e | #2 | 0.993200 | -0.004700 | n/a | n/a | n/a | n/a | 1 | - | increase LR to 0.04 |" in text
@@ -423,3 +423,16 @@ def test_help_says_where_the_plot_and_the_summary_go():
     assert "--out OUT where the plot goes (default: progress.png next to the ledger that --ledger names" in text
     assert "--markdown MARKDOWN where the summary goes (default: report.md next to the ledger that --ledger" in text
     assert "results.tsv with or without its header" in text
+
+
+def test_a_keep_without_a_test_score_shows_n_a_never_0(tmp_path):
+    ledger = Ledger(tmp_path / "experiments.tsv")
+    ledger.append(dict(COMMON, commit="aaaaaaa", experiment="baseline", status="keep", val_bpb=1.5, test_bpb=1.52,
+                       num_steps=600, runs=1, timestamp="2026-11-28T01:00:00+00:00"))
+    ledger.append(dict(COMMON, commit="bbbbbbb", experiment="NS-1", status="keep", val_bpb=1.48, delta=-0.02,
+                       threshold=0.008, num_steps=400, runs=1, timestamp="2026-11-28T02:00:00+00:00"))
+    result, _, _ = run_report(tmp_path, ledger.path)
+    assert result.returncode == 0, result.stderr
+    assert "- best: val_bpb 1.480000, test_bpb n/a at bbbbbbb (NS-1)" in result.stdout
+    assert "- gain on test: n/a (no test_bpb for the best), the unbiased estimate; on val: -0.020000" in result.stdout
+    assert "| bbbbbbb | NS-1 | 1.480000 | -0.020000 | n/a | n/a | 400 (-33% vs baseline) | n/a | 1 |" in result.stdout
