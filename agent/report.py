@@ -364,11 +364,12 @@ def _describe_tag(s: TagSummary) -> list[str]:
         lines.append("- API cost: $0.00 (no LLM calls recorded)")
 
     baseline_rows = [r for r in s.rows if r["experiment"] == "baseline"]
-    lines += ["", "Baseline runs:", "", "| commit | seed | status | val_bpb | test_bpb | steps | tok/s |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['commit'] or '-'} | {r['seed'] or '-'} | {r['status']} | {_bpb(_float(r['val_bpb']))} | "
-              f"{_bpb(_float(r['test_bpb']))} | {steps_cell(r, s.baseline_steps)} | {_tokens_per_second(r)} |"
-              for r in baseline_rows]
+    if baseline_rows:
+        lines += ["", "Baseline runs:", "", "| commit | seed | status | val_bpb | test_bpb | steps | tok/s |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['commit'] or '-'} | {r['seed'] or '-'} | {r['status']} | {_bpb(_float(r['val_bpb']))} | "
+                  f"{_bpb(_float(r['test_bpb']))} | {steps_cell(r, s.baseline_steps)} | {_tokens_per_second(r)} |"
+                  for r in baseline_rows]
     if s.kept:
         previous_test = s.baseline_test
         lines += ["", "Kept, in order (each one is the branch's new tip):", "",
