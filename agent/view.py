@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -16,7 +17,8 @@ from rich.text import Text
 
 from agent.summary import Progress
 
-STATUS_STYLES = {"keep": "bold green", "discard": "yellow", "crash": "bold red", "timeout": "red", "invalid": "magenta"}
+STATUS_STYLES = {"keep": "bold green", "discard": "yellow", "crash": "bold red", "timeout": "red", "invalid": "magenta",
+                 "contended": "cyan"}
 RECENT_ROWS = 8
 
 
@@ -30,9 +32,35 @@ class View(Protocol):
     def finished(self, row: Mapping[str, object], rows: Sequence[Mapping[str, str]]) -> None: ...
 
 
+def _number(value: object, spec: str) -> str:
+    """A ledger value (a number from the loop, a string from the file) formatted, or '-' when it has none:
+    never the float's full repr (2.9557485000000003)."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "-"
+    return format(number, spec) if math.isfinite(number) else "-"
+
+
+def _bpb(value: object) -> str:
+    """val_bpb to 6 decimals; '-' for a run that has none (a crash's 0.000000 included)."""
+    text = _number(value, ".6f")
+    return "-" if text == "-" or float(text) <= 0 else text
+
+
+def _run_size(row: Mapping[str, object]) -> str:
+    """`600 steps, 10,000 tok/s, mean of 2 runs`: what the row's val_bpb rests on, as far as the row says."""
+    steps, rate, runs = (_number(row.get(key), spec) for key, spec in
+                         (("num_steps", ".0f"), ("tokens_per_second", ",.0f"), ("runs", ".0f")))
+    parts = [f"{steps} steps" if steps != "-" else "", f"{rate} tok/s" if rate != "-" else "",
+             f"mean of {runs} runs" if runs not in ("-", "0", "1") else ""]
+    return ", ".join(part for part in parts if part)
+
+
 def _row_line(row: Mapping[str, object]) -> str:
-    return (f"{row.get('experiment')}: {row.get('status')} val_bpb {row.get('val_bpb') or '-'} "
-            f"({row.get('reason')}) [{str(row.get('commit') or '-')[:7]}]")
+    size = _run_size(row)
+    return (f"{row.get('experiment')}: {row.get('status')} val_bpb {_bpb(row.get('val_bpb'))}"
+            + (f" ({size})" if size else "") + f" ({row.get('reason')}) [{str(row.get('commit') or '-')[:7]}]")
 
 
 class PlainView:
@@ -102,13 +130,15 @@ class LiveView:
         status = Text(f" {p.percent:5.1f}%  step {p.step}  loss {p.loss:.4f}" +
                       (f"  {p.tokens_per_second:,.0f} tok/s" if p and p.tokens_per_second else "")) if p else Text(" waiting for train.py")
         table = Table(expand=True, box=None, pad_edge=False)
-        for column in ("experiment", "status", "val_bpb", "description", "reason"):
+        for column in ("experiment", "status", "val_bpb", "steps", "tok/s", "description", "reason"):
             table.add_column(column, overflow="ellipsis", no_wrap=True,
                              ratio=3 if column in ("description", "reason") else 1)
         for row in self._rows[-RECENT_ROWS:]:
             status_text = str(row.get("status", ""))
             table.add_row(str(row.get("experiment", "")), Text(status_text, style=STATUS_STYLES.get(status_text, "")),
-                          str(row.get("val_bpb", "")), str(row.get("description", "")), str(row.get("reason", "")))
+                          _bpb(row.get("val_bpb")), _number(row.get("num_steps"), ".0f"),
+                          _number(row.get("tokens_per_second"), ",.0f"), str(row.get("description", "")),
+                          str(row.get("reason", "")))
         notes = Text("\n".join(self._notes[-3:]), style="dim")
         return Group(Panel(Group(header, current, Group(bar, status)), title="autoresearch loop"), table, notes)
 
