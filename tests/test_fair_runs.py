@@ -16,8 +16,9 @@ from contextlib import contextmanager
 from test_loop import (FAST, NS_1, TAG, Project, cache, make_project, messages, no_stray_processes,  # noqa: F401
                        project, wait_for)
 
-# the contention settings under test; FAST's tolerance is the default one
 QUICK_WAIT = ("--contention-wait", "0.2")
+# Two hogs on two cores double the probe's time; a 50 % tolerance keeps a merely noisy machine out of these tests.
+HOG_TOLERANCE = ("--contention-tolerance", "0.5")
 
 
 @contextmanager
@@ -38,7 +39,8 @@ def candidate_started(project: Project, experiment: str) -> bool:
 
 def test_a_run_beside_a_cpu_hog_is_recorded_contended_and_runs_again_on_resume(project: Project):
     backlog = project.backlog(NS_1)
-    loop = project.start("--tag", TAG, "--backlog", backlog, *FAST, *QUICK_WAIT, "--contention-retries", "0")
+    loop = project.start("--tag", TAG, "--backlog", backlog, *FAST, *QUICK_WAIT, *HOG_TOLERANCE,
+                         "--contention-retries", "0")
     try:
         assert wait_for(lambda: candidate_started(project, "003-NS-1"), 240), project.output()
         with cpu_hogs():
@@ -52,22 +54,23 @@ def test_a_run_beside_a_cpu_hog_is_recorded_contended_and_runs_again_on_resume(p
     assert "shared its machine, so not judged" in contended["reason"] and "it runs again on resume" in contended["reason"]
     assert "reference" in contended["reason"] or "CPU-seconds" in contended["reason"], contended["reason"]
     assert contended["delta"] == "" and contended["threshold"] == ""  # never judged
-    assert float(contended["probe_ratio"]) > 1.10 or "CPU-seconds" in contended["reason"]
+    assert float(contended["probe_ratio"]) > 1.5 or "CPU-seconds" in contended["reason"]
     said = messages(project.output())
     assert any(m.startswith("003-NS-1 is not judged, it shared its machine:") for m in said), said
     assert project.branch() == project.sha(rows[0]["commit"])  # the best did not move
 
-    resumed = project.loop("--tag", TAG, "--backlog", backlog, *FAST, *QUICK_WAIT)
+    resumed = project.loop("--tag", TAG, "--backlog", backlog, *FAST, *QUICK_WAIT, *HOG_TOLERANCE)
 
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     rows = project.rows()
     assert [(r["experiment"], r["status"]) for r in rows[3:]] == [("NS-1", "keep")], resumed.stdout
-    assert float(rows[3]["probe_ratio"]) <= 1.10
+    assert float(rows[3]["probe_ratio"]) <= 1.5
 
 
 def test_a_run_that_shared_its_machine_is_run_again_when_it_is_quiet(project: Project):
     backlog = project.backlog(NS_1)
-    loop = project.start("--tag", TAG, "--backlog", backlog, *FAST, "--contention-wait", "1", "--contention-retries", "2")
+    loop = project.start("--tag", TAG, "--backlog", backlog, *FAST, *HOG_TOLERANCE, "--contention-wait", "1",
+                         "--contention-retries", "2")
     try:
         assert wait_for(lambda: candidate_started(project, "003-NS-1"), 240), project.output()
         with cpu_hogs():
@@ -78,7 +81,7 @@ def test_a_run_that_shared_its_machine_is_run_again_when_it_is_quiet(project: Pr
     rows = project.rows()
     assert [(r["experiment"], r["status"]) for r in rows] == [
         ("baseline", "keep"), ("baseline", "keep"), ("NS-1", "keep")], project.output()
-    assert rows[2]["runs"] == "1" and float(rows[2]["probe_ratio"]) <= 1.10
+    assert rows[2]["runs"] == "1" and float(rows[2]["probe_ratio"]) <= 1.5
     said = messages(project.output())
     assert any(m.startswith("003-NS-1: quiet again after") and "running it again (1/2)" in m for m in said), said
     assert (project.runs / "003-NS-1-retry1" / "train.log").exists()
@@ -87,12 +90,11 @@ def test_a_run_that_shared_its_machine_is_run_again_when_it_is_quiet(project: Pr
 def test_a_quiet_machine_leaves_every_run_alone(project: Project):
     backlog = project.backlog(NS_1)
 
-    result = project.loop("--tag", TAG, "--backlog", backlog, *FAST, *QUICK_WAIT)
+    result = project.loop("--tag", TAG, "--backlog", backlog, *FAST, "--contention-tolerance", "0.1")  # the default
 
     assert result.returncode == 0, result.stdout + result.stderr
     rows = project.rows()
     assert [(r["experiment"], r["status"]) for r in rows] == [("baseline", "keep"), ("baseline", "keep"), ("NS-1", "keep")]
     assert "not judged" not in result.stdout
-    assert float(rows[0]["probe_ratio"]) == 1.0 or float(rows[0]["probe_ratio"]) <= 1.10
     for row in rows:
         assert float(row["probe_seconds"]) > 0 and float(row["probe_ratio"]) <= 1.10

@@ -38,7 +38,9 @@ from agent.view import LiveView
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAKE_TRAIN = Path(__file__).resolve().parent / "fakes" / "train.py"
 TAG = "t"
-FAST = ("--preset", "cpu", "--time-budget", "1", "--confirm-margin", "0")
+# A noisy shared machine must not turn these tests' runs contended: tests/test_fair_runs.py tests the default tolerance.
+FAST = ("--preset", "cpu", "--time-budget", "1", "--confirm-margin", "0", "--contention-tolerance", "0.5",
+        "--contention-wait", "0.2")
 PLAIN_LINE = re.compile(r"^\[\d\d:\d\d:\d\d (?P<tag>\S+)\] (?P<text>.*)$")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
