@@ -50,7 +50,8 @@ class LoopConfig(BaseModel):
     max_cost: float | None = Field(None, gt=0, description="USD the Claude proposer may spend on this tag")
     prices: Path | None = Field(None, description="JSON file of per-model prices (USD per million tokens)")
     python: str = Field(description="the interpreter that runs prepare.py and train.py")
-    resume: str | None = Field(None, description="the shell command that resumes this tag, for the messages that stop the loop; None: python agent/loop.py --tag <tag>")
+    resume: str | None = Field(None, description="the shell command that resumes this tag, printed when the loop "
+                                                 "stops; None: python agent/loop.py --tag <tag>")
 
     @field_validator("tag")
     @classmethod

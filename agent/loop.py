@@ -253,8 +253,8 @@ class Loop:
         """What to do about a failed baseline: the cause lies in train.py only when the branch changed it."""
         what, log, resume = problem or outcome.reason, outcome.log_path, self.config.resume_command
         if problem:
-            return (f"the guard refused the baseline run ({problem}); read {log} and program.md's rules for train.py, "
-                    f"fix train.py and commit it, then resume: {resume}")
+            return (f"the guard refused the baseline run ({problem}); read {log} and program.md's rules for "
+                    f"train.py, fix train.py and commit it, then resume: {resume}")
         user_train = subprocess.run(["git", "rev-parse", "HEAD:train.py"], cwd=self.config.repo_root,
                                     capture_output=True, text=True).stdout.strip()
         if self.branch.repo.git.rev_parse(f"{self.base_commit}:train.py") != user_train:
@@ -263,9 +263,10 @@ class Loop:
                     f"resume: {resume}")
         if outcome.status == "timeout":
             load, cores = os.getloadavg()[0], os.cpu_count()
-            return (f"the baseline of your unchanged train.py timed out ({what}): the machine's load average is {load:.1f} on "
-                    f"{cores} cores, so it was probably slowed down by other work; wait for a quieter machine or "
-                    f"allow more time than --timeout {self.timeout:g}, e.g. resume: {resume} --timeout {2 * self.timeout:g}")
+            return (f"the baseline of your unchanged train.py timed out ({what}): the machine's load average is "
+                    f"{load:.1f} on {cores} cores, so it was probably slowed down by other work; wait for a quieter "
+                    f"machine or allow more time than --timeout {self.timeout:g}, e.g. resume: {resume} "
+                    f"--timeout {2 * self.timeout:g}")
         return (f"the baseline of your unchanged train.py crashed ({what}), so the cause is its environment or "
                 f"data, not an experiment: read {log}; if it points at the data or the tokenizer, rebuild them with "
                 f"python prepare.py --force (the source you prepared), check that python train.py runs on its own, "

@@ -147,29 +147,33 @@ def test_kill_stale_spares_a_live_run_whose_command_line_differs(tmp_path: Path)
 # Every stop message ends with a command that works when pasted
 # ---------------------------------------------------------------------------
 
+# Each stop: the backlog, the flags, what the message says, and whether the test runs the pasted command
+# (the others check that it configures the same loop: the paste itself is the same code path).
 STOPS = {
-    "max-experiments": ((NS_1, MM_1), ("--max-experiments", "1"), "ran the 1 experiments asked for"),
-    "max-hours": ((NS_1, MM_1), ("--max-hours", "0.0001"), "hours have passed (--max-hours 0.0001)"),
-    "exhausted-backlog": ((NS_1,), (), "the backlog is exhausted"),
-    "crashes": ((ABL_1, ABL_2, NS_1), ("--max-crashes", "2"), "2 experiments crashed in a row"),
+    "max-experiments": ((NS_1, MM_1), ("--max-experiments", "1"), "ran the 1 experiments asked for", True),
+    "max-hours": ((NS_1, MM_1), ("--max-hours", "0.0001"), "hours have passed (--max-hours 0.0001)", False),
+    "exhausted-backlog": ((NS_1,), (), "the backlog is exhausted", True),
+    "crashes": ((ABL_1, ABL_2, NS_1), ("--max-crashes", "2"), "2 experiments crashed in a row", False),
 }
 
 
 @pytest.mark.parametrize("stop", STOPS, ids=list(STOPS))
 def test_each_stop_prints_the_command_that_resumes_it(project: Project, stop: str):
-    items, extra, reason = STOPS[stop]
+    items, extra, reason, paste = STOPS[stop]
     argv = ["--backlog", project.backlog(*items), *extra, *FAST, "--tag", TAG]
 
     result = project.loop(*argv)
 
     assert result.returncode == 0, result.stdout + result.stderr
     last = messages(result.stdout)[-1]
-    assert last.startswith(f"loop stopped: {reason}"), last
+    assert last.startswith("loop stopped: ") and reason in last, last
     assert "the report: python agent/report.py --tag t; " in last
     command = last.split("; resume: ")[1]
     assert command == shlex.join(["python", "agent/loop.py", *argv])
     same_config(argv, shlex.split(command)[2:])
     rows = project.rows()
+    if not paste:
+        return
 
     again = pasted(project, command)
 
@@ -197,6 +201,8 @@ def test_an_interrupted_loop_prints_the_command_that_resumes_it(project: Project
     assert last.startswith("loop interrupted: ") and "(--tag t) to resume: " in last
     command = last.split("to resume: ")[1]
     assert command == shlex.join(["python", "agent/loop.py", *argv])
+    if signum == signal.SIGINT:
+        return  # the same message as SIGTERM's, whose pasted command runs below
     hold.unlink()
 
     again = pasted(project, command, env=env)
@@ -387,3 +393,17 @@ def test_program_md_states_the_judge_and_the_package_rule():
     assert "twice the spread" not in text
     assert "k x sigma" in text and "the loop's judge, see README" in text
     assert "may not install packages" in text and "torch, numpy" in text
+
+
+def test_remove_tag_never_touches_a_checkout_on_the_tags_branch(project: Project):
+    make_tag(project, "t")
+    project.git("worktree", "remove", "--force", str(project.root / "worktrees" / "t"))
+    project.git("checkout", "-q", "autoresearch/t")
+    user = project.user_state()
+
+    result = project.loop("--remove-tag", "t", "--yes")
+
+    assert result.returncode == 2 and said(result) == [
+        f"loop: autoresearch/t is checked out in {project.root.resolve()}: switch that checkout to another branch "
+        "first; the tag's removal never touches your checkouts."]
+    assert project.user_state() == user and (project.root / "runs" / "t").exists() and project.rows("t")
