@@ -141,7 +141,7 @@ class Loop:
         now = (self.config.preset, self.data.fingerprint, self.time_budget)
         if then != now:
             flags = f"--preset {then[0]} --time-budget {then[2]:g}"
-            resume = f"resume it with {flags} (a demo tag: --demo)" if then[1] == now[1] else "rebuild its data"
+            resume = f"resume it with {flags} (a demo tag: --demo)" if then[1] == now[1] else "point AUTORESEARCH_CACHE at the data it ran on"
             raise UserError(f"tag {self.config.tag} was run with preset {then[0]} on data {then[1]} for "
                             f"{then[2]:g} s, not {now[0]} on {now[1]} for {now[2]:g} s; {resume}, or start a new "
                             f"--tag so runs are never compared across presets, data or budgets.")
