@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import git
@@ -47,6 +48,17 @@ class NothingChanged(ValueError):
 
 def _is_ref_safe(name: str) -> bool:
     return bool(_REF_SAFE.match(name)) and ".." not in name and not name.endswith((".", ".lock"))
+
+
+def check_tag(tag: str) -> None:
+    """Raise BadTag unless `tag` can name the branch autoresearch/<tag> and its refs."""
+    if not tag:
+        raise BadTag("--tag is empty: give the run a name, e.g. --tag nov28 (letters, digits, '-', '_' and '.').")
+    if not _is_ref_safe(tag):
+        raise BadTag(
+            f"the tag {tag!r} cannot name a git branch: use letters, digits, '-', '_' and '.', "
+            "not starting with '.' or '-'."
+        )
 
 
 def _user_repo(repo_root: Path) -> git.Repo:
@@ -131,11 +143,7 @@ class ExperimentBranch:
     @classmethod
     def open(cls, repo_root: Path, tag: str, worktrees_dir: Path | None = None) -> ExperimentBranch:
         """The worktree for `tag`, created from the user's HEAD if missing, reused if present."""
-        if not _is_ref_safe(tag):
-            raise BadTag(
-                f"the tag {tag!r} cannot name a git branch: use letters, digits, '-', '_' and '.', "
-                "not starting with '.' or '-'."
-            )
+        check_tag(tag)
         repo_root = Path(repo_root).resolve()
         user = _user_repo(repo_root)
         worktrees_dir = repo_root / "worktrees" if worktrees_dir is None else Path(worktrees_dir)
@@ -246,3 +254,55 @@ class ExperimentBranch:
     def _git_commit(self, *args: str) -> None:
         # No hooks and no signing: the user's hooks and keys are not the loop's to trigger overnight.
         self.repo.git.commit("--no-verify", "--no-gpg-sign", *args, env=_IDENTITY)
+
+
+@dataclass(frozen=True)
+class TagFootprint:
+    """What git holds for one tag: its worktree, its branch and the refs that keep its experiments."""
+
+    tag: str
+    worktree: Path | None  # registered on the tag's branch at worktrees/<tag>
+    branch: str | None     # autoresearch/<tag>, when it exists
+    refs: tuple[str, ...]  # refs/autoresearch/<tag>/*
+
+    def describe(self) -> list[str]:
+        parts = [f"the worktree {self.worktree}"] if self.worktree else []
+        parts += [f"the branch {self.branch}"] if self.branch else []
+        parts += [f"{len(self.refs)} ref{'s' if len(self.refs) != 1 else ''} under refs/autoresearch/{self.tag}/"
+                  ] if self.refs else []
+        return parts
+
+
+def tag_footprint(repo_root: Path, tag: str, worktrees_dir: Path | None = None) -> TagFootprint:
+    """The tag's worktree, branch and refs; raises WorktreeConflict when removing them would touch the
+    user's checkout or a worktree the loop did not make."""
+    check_tag(tag)
+    repo_root = Path(repo_root).resolve()
+    user = _user_repo(repo_root)
+    branch = f"autoresearch/{tag}"
+    path = ((repo_root / "worktrees" if worktrees_dir is None else Path(worktrees_dir)) / tag).resolve()
+    user.git.worktree("prune")
+    worktree = None
+    for checkout, ref in _registered_worktrees(user).items():
+        if checkout == path and ref != f"refs/heads/{branch}":
+            raise WorktreeConflict(f"{path} is a worktree that is not on {branch}, so the loop did not make it: "
+                                   "remove it yourself if you mean to.")
+        if checkout == path:
+            worktree = path
+        elif ref == f"refs/heads/{branch}":
+            raise WorktreeConflict(f"{branch} is checked out in {checkout}: switch that checkout to another "
+                                   "branch first; the tag's removal never touches your checkouts.")
+    refs = tuple(user.git.for_each_ref("--format=%(refname)", f"refs/autoresearch/{tag}/").split())
+    exists = any(head.name == branch for head in user.heads)
+    return TagFootprint(tag, worktree, branch if exists else None, refs)
+
+
+def remove_tag(repo_root: Path, footprint: TagFootprint) -> None:
+    """Remove the worktree, the branch and the refs of `footprint`, in that order."""
+    user = _user_repo(Path(repo_root).resolve())
+    if footprint.worktree is not None:
+        user.git.worktree("remove", "--force", str(footprint.worktree))  # its files are all committed or run leftovers
+    if footprint.branch is not None:
+        user.git.branch("-D", footprint.branch)
+    for ref in footprint.refs:
+        user.git.update_ref("-d", ref)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import datetime
+import shlex
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from agent.branch import check_tag
 from agent.stops import UserError
 
 DEMO_BUDGET = 20.0        # seconds of training per demo run
 DEMO_EXPERIMENTS = 3      # experiments a demo runs after its baselines
+DEMO_TAG = "demo"         # undated, so the same --demo command resumes the same tag on any day
 STARTUP_ALLOWANCE = {"cpu": 120.0, "gpu": 300.0}  # seconds for imports, compilation and the final eval
 
 
@@ -51,6 +54,14 @@ class LoopConfig(BaseModel):
     max_cost: float | None = Field(None, gt=0, description="USD the Claude proposer may spend on this tag")
     prices: Path | None = Field(None, description="JSON file of per-model prices (USD per million tokens)")
     python: str = Field(description="the interpreter that runs prepare.py and train.py")
+    resume: str | None = Field(None, description="the shell command that resumes this tag, printed when the loop "
+                                                 "stops; None: python agent/loop.py --tag <tag>")
+
+    @field_validator("tag")
+    @classmethod
+    def _tag_names_a_branch(cls, tag: str) -> str:
+        check_tag(tag)
+        return tag
 
     @model_validator(mode="after")
     def _sigma_or_min_delta(self) -> LoopConfig:
@@ -62,6 +73,10 @@ class LoopConfig(BaseModel):
     @property
     def startup_allowance(self) -> float:
         return STARTUP_ALLOWANCE[self.preset]
+
+    @property
+    def resume_command(self) -> str:
+        return self.resume or shlex.join(["python", "agent/loop.py", "--tag", self.tag])
 
     @property
     def ledger_path(self) -> Path:

@@ -238,3 +238,37 @@ class Ledger:
             return None
         last = data[previous:complete].decode("utf-8", errors="replace")
         return previous if last.strip() and len(_fields(last)) < len(COLUMNS) else None
+
+    @property
+    def removed(self) -> Path:
+        """Where remove_rows() keeps the rows of a removed tag."""
+        return self.path.with_name(self.path.name + ".removed")
+
+    def remove_rows(self, tag: str) -> int:
+        """Move every row of `tag` to the `.removed` file (appended, fsynced first), then rewrite the ledger
+        without them in one atomic rename; how many rows moved. No loop may append meanwhile."""
+        if not self.path.exists():
+            return 0
+        data = self.path.read_bytes()
+        if not self._check_header(data):
+            return 0
+        lines = data.decode("utf-8").splitlines(keepends=True)
+        tag_index = COLUMNS.index("tag")
+        ours = {i for i, line in enumerate(lines) if i and line.strip()
+                and (_fields(line) + [""] * len(COLUMNS))[tag_index] == tag}
+        moved = [lines[i] for i in sorted(ours)]
+        if not moved:
+            return 0
+        new = not self.removed.exists() or self.removed.stat().st_size == 0
+        with open(self.removed, "a", encoding="utf-8") as aside:
+            aside.write((_HEADER if new else "") + "".join(moved))
+            aside.flush()
+            os.fsync(aside.fileno())
+        kept = [line for i, line in enumerate(lines) if i not in ours]
+        partial = self.path.with_name(self.path.name + ".partial")
+        with open(partial, "w", encoding="utf-8") as rewritten:
+            rewritten.write("".join(kept))
+            rewritten.flush()
+            os.fsync(rewritten.fileno())
+        partial.replace(self.path)
+        return len(moved)

@@ -5,10 +5,12 @@ The overnight loop: backlog -> edit -> commit -> run -> judge -> record, unatten
     python agent/loop.py --tag nov28            # overnight with the preset of this machine
     python agent/loop.py --tag nov28 --proposer claude --max-cost 5
     python agent/loop.py --tag nov28 --backlog-issue karpathy/autoresearch#7   # the backlog kept in a GitHub issue
+    python agent/loop.py --remove-tag nov28     # its worktree, branch, refs and runs; its ledger rows set aside
 
 Every experiment is one commit on autoresearch/<tag> (in worktrees/<tag>), one run of train.py
 (log under runs/<tag>/), one verdict and one row of experiments.tsv. The same command with the
 same tag resumes: the baseline is not re-run, an interrupted experiment is, nothing is recorded twice.
+One loop runs per tag: a second one on the same tag is refused (agent/lock.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import ast
 import json
 import math
 import os
+import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -31,13 +35,14 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from pydantic import ValidationError  # noqa: E402
 
 from agent.backlog import BacklogItem, load_backlog  # noqa: E402
-from agent.branch import ExperimentBranch, require_clean  # noqa: E402
-from agent.config import DEMO_BUDGET, DEMO_EXPERIMENTS, LoopConfig, default_tag  # noqa: E402
+from agent.branch import ExperimentBranch, remove_tag, require_clean, tag_footprint  # noqa: E402
+from agent.config import DEMO_BUDGET, DEMO_EXPERIMENTS, DEMO_TAG, LoopConfig, default_tag  # noqa: E402
 from agent.github_backlog import fetch_issue_backlog  # noqa: E402
 from agent.guard import Guard  # noqa: E402
 from agent.judge import JUDGES, NoiseFloor, Verdict, noise_floor  # noqa: E402
 from agent.ledger import Ledger  # noqa: E402
 from agent.limits import BacklogExhausted, Limits  # noqa: E402
+from agent.lock import TagBusy, TagLock, busy_tags  # noqa: E402
 from agent.probe import Probe, ProbeError, Reference, contention, probe_ratio, wait_until_quiet  # noqa: E402
 from agent.proposer import BacklogProposer, Proposal, Proposer, ProposerState, Skip  # noqa: E402
 from agent.runner import RunOutcome, default_timeout, kill_stale, run_training, training_env  # noqa: E402
@@ -87,10 +92,11 @@ class Loop:
         require_clean(config.repo_root)
         self.items = load_backlog(config.backlog)
         self.ledger = Ledger(config.ledger_path)
-        repaired = self.ledger.repair()
-        if repaired:
-            view.note(repaired)
         self.proposer = proposer or make_proposer(config)
+        if isinstance(self.proposer, BacklogProposer) and not any(item.edits for item in self.items):
+            raise UserError(f"{config.backlog} has no item with a machine-readable edit, so the backlog proposer "
+                            f"has nothing to run: add edits to it (see agent/backlog.md's Edits section) or use "
+                            f"--proposer claude.")
         self.backlog_proposer = BacklogProposer()
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
         base_env.update(AUTORESEARCH_PRESET=config.preset)
@@ -102,13 +108,17 @@ class Loop:
         self.time_budget = config.time_budget or self.data.time_budget
         self.timeout = config.timeout or default_timeout(self.time_budget, config.startup_allowance)
         self.check_comparable(self.rows())
+        self.lock = TagLock(config.runs_dir, config.tag).acquire()  # before anything of the tag's is touched
+        repaired = self.ledger.repair()
+        if repaired:
+            view.note(repaired)
         self.branch = ExperimentBranch.open(config.repo_root, config.tag)
         self.guard = Guard(config.repo_root, self.branch.path, self.data.files, python=config.python,
                            env=training_env(preset=config.preset, time_budget=self.time_budget, seed=config.seed,
                                             run_dir=config.runs_dir, cache=config.cache),
                            preset=config.preset)
         self.pid_file = config.runs_dir / "train.pid"
-        if kill_stale(self.pid_file):
+        if kill_stale(self.pid_file):  # safe: this loop holds the tag's lock, so no live loop owns that run
             view.note("killed a training run that a previous, killed loop left behind")
         self.limits = Limits(config.max_experiments, config.max_hours, config.max_crashes)
         self.experiments_run = 0
@@ -134,9 +144,11 @@ class Loop:
         then = (first["preset"], first["data_fingerprint"], float(first["time_budget"] or self.time_budget))
         now = (self.config.preset, self.data.fingerprint, self.time_budget)
         if then != now:
+            flags = f"--preset {then[0]} --time-budget {then[2]:g}"
+            resume = f"resume it with {flags} (a demo tag: --demo)" if then[1] == now[1] else "point AUTORESEARCH_CACHE at the data it ran on"
             raise UserError(f"tag {self.config.tag} was run with preset {then[0]} on data {then[1]} for "
-                            f"{then[2]:g} s, not {now[0]} on {now[1]} for {now[2]:g} s; start a new --tag so runs "
-                            f"are never compared across presets, data or budgets.")
+                            f"{then[2]:g} s, not {now[0]} on {now[1]} for {now[2]:g} s; {resume}, or start a new "
+                            f"--tag so runs are never compared across presets, data or budgets.")
 
     def _full_sha(self, short: str) -> str:
         return self.branch.repo.git.rev_parse(short)
@@ -300,10 +312,32 @@ class Loop:
             if outcome.status != "ok" or problem:
                 self.record(dict(row, status="invalid" if problem else outcome.status, reason=problem or outcome.reason))
                 self.stop_if_untrusted()
-                raise UserError(f"the baseline run failed ({problem or outcome.reason}); read {outcome.log_path}, "
-                                f"fix train.py on your branch and commit it, then start the loop again.")
+                raise UserError(self.baseline_failure(outcome, problem))
             self.record(dict(row, status="keep", reason=f"baseline run {index + 1} (seed {seed})"))
             self.derive(self.rows())
+
+    def baseline_failure(self, outcome: RunOutcome, problem: str | None) -> str:
+        """What to do about a failed baseline: the cause lies in train.py only when the branch changed it."""
+        what, log, resume = problem or outcome.reason, outcome.log_path, self.config.resume_command
+        if problem:
+            return (f"the guard refused the baseline run ({problem}); read {log} and program.md's rules for "
+                    f"train.py, fix train.py and commit it, then resume: {resume}")
+        user_train = subprocess.run(["git", "rev-parse", "HEAD:train.py"], cwd=self.config.repo_root,
+                                    capture_output=True, text=True).stdout.strip()
+        if self.branch.repo.git.rev_parse(f"{self.base_commit}:train.py") != user_train:
+            return (f"the baseline run failed ({what}) on a train.py that differs from your checkout's; read {log}, "
+                    f"fix train.py on {self.branch.branch} (in {self.branch.path}) and commit it there, then "
+                    f"resume: {resume}")
+        if outcome.status == "timeout":
+            load, cores = os.getloadavg()[0], os.cpu_count()
+            return (f"the baseline of your unchanged train.py timed out ({what}): the machine's load average is "
+                    f"{load:.1f} on {cores} cores, so it was probably slowed down by other work; wait for a quieter "
+                    f"machine or allow more time than --timeout {self.timeout:g}, e.g. resume: {resume} "
+                    f"--timeout {2 * self.timeout:g}")
+        return (f"the baseline of your unchanged train.py crashed ({what}), so the cause is its environment or "
+                f"data, not an experiment: read {log}; if it points at the data or the tokenizer, rebuild them with "
+                f"python prepare.py --force (the source you prepared), check that python train.py runs on its own, "
+                f"then resume: {resume}")
 
     def next_item(self) -> BacklogItem | None:
         for item in self.items:
@@ -498,7 +532,7 @@ def make_proposer(config: LoopConfig) -> Proposer:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python agent/loop.py", description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tag", help="names the branch autoresearch/<tag> (default: today, e.g. nov28)")
+    p.add_argument("--tag", help=f"names the branch autoresearch/<tag> (default: today, e.g. nov28; with --demo: {DEMO_TAG})")
     p.add_argument("--proposer", choices=["backlog", "claude", "auto"], default="auto",
                    help="auto: claude when ANTHROPIC_API_KEY is set, else backlog")
     source = p.add_mutually_exclusive_group()
@@ -536,10 +570,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-cost", type=float, help="USD the Claude proposer may spend in this run")
     p.add_argument("--prices", type=Path, help="JSON of per-model prices in USD per million tokens")
     p.add_argument("--demo", action="store_true", help="offline demo: cpu preset, builtin data, backlog proposer, short runs")
+    p.add_argument("--remove-tag", metavar="T", help="remove tag T's worktree, branch, refs and runs/T, and move its "
+                   "ledger rows to experiments.tsv.removed, after a confirmation; runs no loop")
+    p.add_argument("--yes", action="store_true", help="with --remove-tag: do not ask for the confirmation")
     return p.parse_args(argv)
 
 
-def build_config(args: argparse.Namespace) -> LoopConfig:
+def resume_command(argv: list[str], args: argparse.Namespace, tag: str) -> str:
+    """The command line that runs this invocation again on the same tag, as the user would paste it."""
+    script = os.path.relpath(Path(__file__).resolve(), Path.cwd())
+    return shlex.join(["python", script, *argv, *(["--tag", tag] if args.tag is None else [])])
+
+
+def build_config(args: argparse.Namespace, argv: list[str] | None = None) -> LoopConfig:
     backlog = args.backlog
     if args.backlog_issue:
         fetched = fetch_issue_backlog(args.backlog_issue, api_url=args.github_api_url)
@@ -550,9 +593,10 @@ def build_config(args: argparse.Namespace) -> LoopConfig:
     if preset is None:
         preset = "cpu" if args.demo else os.environ.get("AUTORESEARCH_PRESET") or _detect_preset()
     cache = os.environ.get("AUTORESEARCH_CACHE")
+    tag = args.tag if args.tag is not None else DEMO_TAG if args.demo else default_tag()
     try:
         return LoopConfig(
-            repo_root=REPO_ROOT, tag=args.tag or (default_tag() + ("-demo" if args.demo else "")),
+            repo_root=REPO_ROOT, tag=tag,
             proposer="backlog" if args.demo else args.proposer, backlog=backlog,
             max_experiments=args.max_experiments if args.max_experiments is not None else (DEMO_EXPERIMENTS if args.demo else None),
             max_hours=args.max_hours, preset=preset,
@@ -563,7 +607,8 @@ def build_config(args: argparse.Namespace) -> LoopConfig:
             contention_wait=args.contention_wait, repair_attempts=args.repair_attempts,
             seed=args.seed, cache=Path(cache) if cache else None, timeout=args.timeout, demo=args.demo,
             model=args.model or os.environ.get("AUTORESEARCH_MODEL"), max_cost=args.max_cost,
-            prices=args.prices, python=sys.executable)
+            prices=args.prices, python=sys.executable,
+            resume=resume_command(sys.argv[1:] if argv is None else argv, args, tag))
     except ValidationError as e:
         first = e.errors()[0]
         raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}; see python agent/loop.py --help.") from None
@@ -575,15 +620,54 @@ def _detect_preset() -> str:
     return "gpu" if probe.stdout.strip() == "True" else "cpu"
 
 
+def remove_tag_command(tag: str, *, yes: bool, repo_root: Path = REPO_ROOT) -> int:
+    """--remove-tag: what the tag left behind, a confirmation, then its removal; the exit code."""
+    footprint = tag_footprint(repo_root, tag)
+    runs_dir, ledger = repo_root / "runs" / tag, Ledger(repo_root / "experiments.tsv")
+    lock = TagLock(runs_dir, tag)
+    if lock.is_held_elsewhere():
+        raise TagBusy(f"tag {tag} is in use by a running loop ({lock.holder()}): stop it first (Ctrl-C in its "
+                      f"terminal), then remove the tag.")
+    others = [busy for busy in busy_tags(repo_root / "runs") if not busy.startswith(f"{tag} (")]
+    if others:
+        raise TagBusy(f"a loop is running on tag {others[0]} and appends to {ledger.path}, which removing {tag} "
+                      f"rewrites: wait for it to stop, then remove the tag.")
+    rows = len(ledger.rows(tag))
+    parts = footprint.describe() + ([f"the runs directory {runs_dir}"] if runs_dir.exists() else [])
+    parts += [f"its {rows} row{'s' if rows != 1 else ''} in {ledger.path} (moved to {ledger.removed})"] if rows else []
+    if not parts:
+        raise UserError(f"there is nothing of tag {tag} to remove: no branch autoresearch/{tag}, worktree, refs, "
+                        f"runs directory or ledger rows.")
+    print(f"removing tag {tag}: " + "; ".join(parts) + ". Your checkout and other tags are not touched.")
+    if not yes:
+        try:
+            answer = input(f"remove tag {tag}? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print(f"loop: nothing removed; answer y to remove tag {tag}, or pass --yes.", file=sys.stderr)
+            return 1
+    with lock.acquire() if runs_dir.exists() else lock:  # no loop may start on the tag while it goes
+        remove_tag(repo_root, footprint)
+        moved = ledger.remove_rows(tag)
+        if runs_dir.exists():
+            shutil.rmtree(runs_dir)
+    print(f"removed tag {tag}" + (f"; its {moved} ledger rows are in {ledger.removed}" if moved else "") + ".")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = build_config(args)
+        if args.remove_tag is not None:
+            return remove_tag_command(args.remove_tag, yes=args.yes)
+        config = build_config(args, argv)
     except UserError as e:
         print(f"loop: {e}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill stops like Ctrl-C
     view = make_view(config.tag)
+    report = shlex.join(["python", os.path.relpath(REPO_ROOT / "agent" / "report.py", Path.cwd()), "--tag", config.tag])
     with view:
         try:
             loop = Loop(config, view)
@@ -592,12 +676,13 @@ def main(argv: list[str] | None = None) -> int:
             view.note(f"loop: {e}")
             return 2
         except LoopStop as e:
-            view.note(f"loop stopped: {e} Ledger: {config.ledger_path}; resume with --tag {config.tag}; "
-                      f"the report: python agent/report.py --tag {config.tag}.")
+            view.note(f"loop stopped: {e} Ledger: {config.ledger_path}; the report: {report}; "
+                      f"resume: {config.resume_command}")
             return 0
         except KeyboardInterrupt:
-            view.note(f"loop interrupted: what finished is in {config.ledger_path}; the branch is back on the best "
-                      f"commit; run the same command (--tag {config.tag}) to resume.")
+            view.note(f"loop interrupted: what finished is in {config.ledger_path} and the branch is back on the "
+                      f"best commit; the report: {report}; run the same command (--tag {config.tag}) to resume: "
+                      f"{config.resume_command}")
             return 130
     return 0
 

@@ -116,6 +116,15 @@ def _start_time(pid: int) -> str | None:
     return stat[19] if stat else None
 
 
+def _command_line(pid: int) -> list[str] | None:
+    """The process's argv from /proc, or None when it is gone or unreadable."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.decode("utf-8", errors="replace").split("\0")[:-1] if raw else None
+
+
 def _boot_id() -> str | None:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -258,7 +267,7 @@ def _read_output(stream: io.BufferedReader, log: BinaryIO, lines: queue.Queue) -
 
 
 def _write_pid_file(pid_file: Path, pid: int) -> None:
-    record = {"pid": pid, "pgid": pid, "start": _start_time(pid), "boot": _boot_id()}
+    record = {"pid": pid, "pgid": pid, "start": _start_time(pid), "boot": _boot_id(), "command": _command_line(pid)}
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     partial = pid_file.with_name(pid_file.name + ".partial")
     partial.write_text(json.dumps(record))
@@ -270,7 +279,8 @@ def kill_stale(pid_file: Path) -> bool:
 
     The group is only killed when it is still the recorded one: same boot, and its leader either
     gone (Linux keeps a group's id from being reused while members remain) or started at the
-    recorded time.
+    recorded time with the recorded command line. Only the loop that holds the tag's lock may call
+    this (agent/lock.py): any other would kill a live loop's run.
     """
     if not pid_file.exists():
         return False
@@ -281,7 +291,11 @@ def kill_stale(pid_file: Path) -> bool:
         pid_file.unlink(missing_ok=True)
         return False
     leader_start = _start_time(pgid)
-    same_run = record.get("boot") == _boot_id() and leader_start in (None, record.get("start"))
+    if leader_start is None:
+        same_leader = True
+    else:
+        same_leader = leader_start == record.get("start") and _command_line(pgid) == record.get("command")
+    same_run = record.get("boot") == _boot_id() and same_leader
     killed = same_run and _group_alive(pgid)
     if killed:
         _kill_group(pgid)
