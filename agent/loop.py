@@ -33,7 +33,7 @@ from agent.backlog import BacklogItem, load_backlog  # noqa: E402
 from agent.branch import ExperimentBranch, require_clean  # noqa: E402
 from agent.config import DEMO_BUDGET, DEMO_EXPERIMENTS, LoopConfig, default_tag  # noqa: E402
 from agent.github_backlog import fetch_issue_backlog  # noqa: E402
-from agent.guard import Guard  # noqa: E402
+from agent.guard import Guard, gap_noise, val_test_problem  # noqa: E402
 from agent.judge import JUDGES, NoiseFloor, noise_floor  # noqa: E402
 from agent.ledger import Ledger  # noqa: E402
 from agent.limits import BacklogExhausted, Limits  # noqa: E402
@@ -57,7 +57,7 @@ class Data:
 def prepared_data(python: str, repo_root: Path, env: dict[str, str], *, prepare_if_missing: bool = False) -> Data:
     """Ask the user's prepare.py about its cache; prepare the builtin corpus first if asked and missing."""
     query = ("import json, os, prepare; m = prepare.load_manifest(); "
-             "files = m['train'] + m['val'] + [os.path.join(m['dir'], f) for f in "
+             "files = m['train'] + m['val'] + m['test'] + [os.path.join(m['dir'], f) for f in "
              "('prepared.json', 'tokenizer.pkl', 'token_bytes.pt')]; "
              "print(json.dumps({'fingerprint': m['fingerprint'], 'budget': prepare.TIME_BUDGET, 'files': files}))")
 
@@ -228,8 +228,9 @@ class Loop:
             outcome, problem = self.train(name, f"baseline {index + 1}/{self.config.baseline_repeats} (seed {seed})", seed)
             row = dict(commit=self.base_commit[:7], experiment="baseline", seed=seed, parent=self.base_commit[:7],
                        description=f"baseline {index + 1}/{self.config.baseline_repeats}", **self.measured(outcome))
-            if outcome.status == "ok" and not problem and index == 0:
-                problem, _ = self.guard.verify(self.config.runs_dir / name, outcome.summary.val_bpb)
+            if outcome.status == "ok" and not problem:  # every baseline: their test_bpb give the val-test noise
+                problem, verified = self.guard.verify(self.config.runs_dir / name, outcome.summary.val_bpb)
+                row["test_bpb"] = verified.get("test_bpb")
             if outcome.status != "ok" or problem:
                 self.record(dict(row, status="invalid" if problem else outcome.status, reason=problem or outcome.reason))
                 self.stop_if_untrusted()
@@ -330,11 +331,21 @@ class Loop:
                     row.update(val_bpb=statistics.fmean(values))
             row["delta"] = statistics.fmean(values) - best
             if status == "keep":
-                problem, _ = self.guard.verify(outcome.log_path.parent, outcome.summary.val_bpb)
+                problem, verified = self.guard.verify(outcome.log_path.parent, outcome.summary.val_bpb)
+                row["test_bpb"] = verified.get("test_bpb")
+                problem = problem or self.val_test_check(verified)
                 if problem:
                     status, reason = "invalid", f"{problem} (the judge would have kept it: {reason})"
         self.finish(name, sha, parent, dict(row, status=status, reason=reason))
         return True
+
+    def val_test_check(self, verified: dict) -> str | None:
+        """The val-vs-test rule for a verified would-be keep, against the best it would replace."""
+        keeps = [r for r in self.rows() if r["status"] == "keep" and r["experiment"] != "baseline"]
+        best = keeps[-1] if keeps else self.baselines[0]  # the baseline run with the candidates' seed
+        noise = gap_noise([(float(r["val_bpb"]), float(r["test_bpb"])) for r in self.baselines])
+        return val_test_problem(float(best["val_bpb"]) - verified["val_bpb"],
+                                float(best["test_bpb"]) - verified["test_bpb"], noise, self.config.k)
 
     def finish(self, name: str, sha: str, parent: str, row: dict[str, object]) -> None:
         """Keep the commit under a ref, record the row, then advance the best or go back to it."""
