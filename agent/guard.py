@@ -109,6 +109,18 @@ def _module_level(tree: ast.Module) -> Iterable[ast.AST]:
         stack.extend(ast.iter_child_nodes(node))
 
 
+def _local_uses(tree: ast.Module, names: set[str]) -> set[int]:
+    """ids of the Name nodes, among names, inside a function that binds that name itself (a local variable)."""
+    ids = set()
+    for function in ast.walk(tree):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            inner = list(ast.walk(function))
+            bound = {n.id for n in inner if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            bound |= {a.arg for a in ast.walk(function.args) if isinstance(a, ast.arg)}
+            ids |= {id(n) for n in inner if isinstance(n, ast.Name) and n.id in names & bound}
+    return ids
+
+
 def _docstrings(tree: ast.Module) -> set[int]:
     ids = set()
     for node in ast.walk(tree):
@@ -163,8 +175,10 @@ def static_problems(source: str) -> list[str]:
                 flag(node, f"rebinds {target.id}, a constant or function of prepare.py")
     docstrings = _docstrings(tree)
     called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    shadowed = _local_uses(tree, loaders | evaluators)
     for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and node.id in loaders | evaluators and id(node) not in called:
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id in loaders | evaluators \
+                and id(node) not in called | shadowed:
             flag(node, f"uses {node.id} other than by calling it (an alias or a partial hides the split); "
                        f"call it directly")
         if isinstance(node, ast.Global):
