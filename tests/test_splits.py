@@ -20,7 +20,7 @@ import torch
 
 import prepare
 from agent.guard import GAP_NOISE_FLOOR, gap_noise, static_problems, val_test_problem
-from test_loop import FAST, TAG, Project
+from test_loop import FAST, TAG, Project, cache, make_project  # noqa: F401  (fixtures)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 UNIGRAM_TRAIN = Path(__file__).resolve().parent / "fakes" / "unigram_train.py"
