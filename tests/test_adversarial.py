@@ -351,7 +351,7 @@ def adversarial(prepared_builtin, tmp_path_factory) -> AdversarialRun:
              "--preset", "cpu", "--time-budget", str(TIME_BUDGET), "--baseline-repeats", "1", "--min-delta", "0",
              "--confirm-margin", "0", "--max-crashes", "10", "--max-experiments", str(len(EXPERIMENTS_THAT_RUN)),
              "--max-cost", "100"],
-            cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
+            cwd=repo, env=env, capture_output=True, text=True, timeout=2400)
         seconds = time.monotonic() - started
         requests = list(fake.requests)
     with open(repo / "experiments.tsv", newline="") as f:

@@ -191,14 +191,14 @@ def test_the_val_test_rule_refuses_a_val_gain_test_does_not_match(val_gain, test
 
 def test_the_loop_scores_test_and_refuses_a_val_gain_that_test_does_not_match(make_project):
     project: Project = make_project(UNIGRAM_TRAIN)
-    backlog = project.backlog(("UNI-VAL", 'UNIGRAM_DATA = "val"'), ("UNI-TRAIN", 'UNIGRAM_DATA = "train"'))
+    backlog = project.backlog(("UNIVAL-1", 'UNIGRAM_DATA = "val"'), ("UNITRAIN-1", 'UNIGRAM_DATA = "train"'))
 
-    result = project.loop("--tag", TAG, "--backlog", backlog, *FAST)
+    result = project.loop("--tag", TAG, "--backlog", backlog, *FAST, timeout=600)  # four runs, four verifications
 
     assert result.returncode == 0, result.stdout + result.stderr
     rows = project.rows()
     assert [(r["experiment"], r["status"]) for r in rows] == [
-        ("baseline", "keep"), ("baseline", "keep"), ("UNI-VAL", "invalid"), ("UNI-TRAIN", "keep")], rows
+        ("baseline", "keep"), ("baseline", "keep"), ("UNIVAL-1", "invalid"), ("UNITRAIN-1", "keep")], rows
     baselines, cheat, honest = rows[:2], rows[2], rows[3]
     for row in rows:
         assert float(row["test_bpb"]) > 0, row  # every baseline and every would-be keep is scored on test
