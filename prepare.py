@@ -78,11 +78,15 @@ PREPARED_DIR = os.path.join(CACHE_DIR, "prepared", PRESET)  # tokenizer + manife
 CLIMBMIX_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 CLIMBMIX_MAX_SHARD = 6542
 CLIMBMIX_VAL_SHARD = CLIMBMIX_MAX_SHARD  # pinned validation shard
+CLIMBMIX_TEST_SHARD = CLIMBMIX_MAX_SHARD - 1  # pinned test shard; training shards stop below it
 TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/refs%2Fconvert%2Fparquet/default"
 TINYSTORIES_FILES = {"train": ["train/0000.parquet", "train/0001.parquet", "train/0002.parquet", "train/0003.parquet"],
                      "val": ["validation/0000.parquet"]}
 
-VAL_MODULUS = 20          # a document is in val when sha256(its key) % 20 == 0
+VAL_MODULUS = 20          # a document is in val when sha256(its key) % 20 == 0, in test when it is 1
+TINYSTORIES_TEST_MODULUS = 2  # a TinyStories validation story is in test when sha256(text) % 2 == 1
+# Names how documents are split; prepare() redoes a cache prepared under another rule.
+SPLIT_RULE = "val: sha256(key) % 20 == 0; test: sha256(key) % 20 == 1; climbmix test shard 6541; tinystories test: sha256(text) % 2 == 1"
 META_MODULUS = 64         # a train document is in the held-out meta slice when crc32(text) % 64 == 0
 DOCS_PER_ROW_GROUP = 16   # granularity of the seeded shuffle of the train stream
 
@@ -97,11 +101,16 @@ class PrepareError(Exception):
 
 
 # ---------------------------------------------------------------------------
-# Data sources: each writes train/val parquet files with a `text` column
+# Data sources: each gives train/val/test parquet files with a `text` column
 # ---------------------------------------------------------------------------
 
-def _is_val(key):
-    return int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16) % VAL_MODULUS == 0
+def _hash(text):
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16)
+
+
+def split_of(key):
+    """'val', 'test' or 'train' for a keyed document: the same key always lands in the same split."""
+    return {0: "val", 1: "test"}.get(_hash(key) % VAL_MODULUS, "train")
 
 
 def _write_docs(path, docs):
@@ -120,19 +129,32 @@ def _write_docs(path, docs):
 
 
 def _write_split(out_dir, keyed_docs, source_name):
-    """Split (key, text) documents by the key's hash, shuffle train reproducibly, write both."""
-    train, val, digest = [], [], hashlib.sha256()
+    """Split (key, text) documents by the key's hash, shuffle train reproducibly, write all three."""
+    splits, digest = dict(train=[], val=[], test=[]), hashlib.sha256()
     for key, text in keyed_docs:
         digest.update(key.encode("utf-8") + b"\0" + hashlib.sha256(text.encode("utf-8")).digest())
-        (val if _is_val(key) else train).append(text)
-    if not train or not val:
-        raise PrepareError(f"source {source_name} gave {len(train)} train and {len(val)} val documents; "
-                           f"it needs at least one of each (about 1 document in {VAL_MODULUS} goes to val), so add more documents.")
-    random.Random(0).shuffle(train)
-    _write_docs(os.path.join(out_dir, "train.parquet"), train)
-    _write_docs(os.path.join(out_dir, "val.parquet"), val)
-    return dict(train=[os.path.join(out_dir, "train.parquet")], val=[os.path.join(out_dir, "val.parquet")],
-                files_hash=digest.hexdigest(), documents=len(train) + len(val))
+        splits[split_of(key)].append(text)
+    if not all(splits.values()):
+        counts = ", ".join(f"{len(docs)} {name}" for name, docs in splits.items())
+        raise PrepareError(f"source {source_name} gave {counts} documents; it needs at least one of each "
+                           f"(about 1 document in {VAL_MODULUS} goes to val and 1 to test), so add more documents.")
+    random.Random(0).shuffle(splits["train"])
+    paths = {name: os.path.join(out_dir, f"{name}.parquet") for name in splits}
+    for name, docs in splits.items():
+        _write_docs(paths[name], docs)
+    return dict(train=[paths["train"]], val=[paths["val"]], test=[paths["test"]],
+                files_hash=digest.hexdigest(), documents=sum(len(docs) for docs in splits.values()))
+
+
+def _split_validation_file(path, out_dir):
+    """TinyStories has one validation file: its stories go to val or test by a hash of their text, in file order."""
+    stories = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    val = [s for s in stories if _hash(s) % TINYSTORIES_TEST_MODULUS != 1]
+    test = [s for s in stories if _hash(s) % TINYSTORIES_TEST_MODULUS == 1]
+    paths = [os.path.join(out_dir, "val.parquet"), os.path.join(out_dir, "test.parquet")]
+    _write_docs(paths[0], val)
+    _write_docs(paths[1], test)
+    return paths
 
 
 def stdlib_root():
@@ -246,7 +268,7 @@ def _files_hash(paths):
 
 
 def collect_source(source, num_shards=10, base_url=None, attempts=5):
-    """Fetch or build a source's documents; returns its train/val parquet files and their hash."""
+    """Fetch or build a source's documents; returns its train/val/test parquet files and their hash."""
     if source == "builtin":
         out = os.path.join(SOURCES_DIR, "builtin")
         return _write_split(out, builtin_documents(), "builtin")
@@ -255,16 +277,17 @@ def collect_source(source, num_shards=10, base_url=None, attempts=5):
         slug = hashlib.sha256(os.path.abspath(os.path.expanduser(target)).encode()).hexdigest()[:12]
         return _write_split(os.path.join(SOURCES_DIR, f"local-{slug}"), local_documents(target), source)
     if source == "climbmix":
-        names = [f"shard_{i:05d}.parquet" for i in range(min(num_shards, CLIMBMIX_MAX_SHARD))]
-        val_name = f"shard_{CLIMBMIX_VAL_SHARD:05d}.parquet"
+        names = [f"shard_{i:05d}.parquet" for i in range(min(num_shards, CLIMBMIX_TEST_SHARD))]
         train = _download_files(source, base_url or CLIMBMIX_URL, names, attempts)
-        val = _download_files(source, base_url or CLIMBMIX_URL, [val_name], attempts)
-    elif source == "tinystories":
+        val = _download_files(source, base_url or CLIMBMIX_URL, [f"shard_{CLIMBMIX_VAL_SHARD:05d}.parquet"], attempts)
+        test = _download_files(source, base_url or CLIMBMIX_URL, [f"shard_{CLIMBMIX_TEST_SHARD:05d}.parquet"], attempts)
+        return dict(train=train, val=val, test=test, files_hash=_files_hash(train + val + test), documents=None)
+    if source == "tinystories":
         train = _download_files(source, base_url or TINYSTORIES_URL, TINYSTORIES_FILES["train"][:max(1, num_shards)], attempts)
-        val = _download_files(source, base_url or TINYSTORIES_URL, TINYSTORIES_FILES["val"], attempts)
-    else:
-        raise PrepareError(f"unknown source {source!r}; use builtin, climbmix, tinystories or local:PATH.")
-    return dict(train=train, val=val, files_hash=_files_hash(train + val), documents=None)
+        validation = _download_files(source, base_url or TINYSTORIES_URL, TINYSTORIES_FILES["val"], attempts)
+        val, test = _split_validation_file(validation[0], os.path.join(SOURCES_DIR, source, "split"))
+        return dict(train=train, val=[val], test=[test], files_hash=_files_hash(train + validation), documents=None)
+    raise PrepareError(f"unknown source {source!r}; use builtin, climbmix, tinystories or local:PATH.")
 
 
 # ---------------------------------------------------------------------------
@@ -354,7 +377,10 @@ def load_manifest():
                            f"(or python prepare.py --source builtin offline) first.")
     with open(path) as f:
         manifest = json.load(f)
-    missing = [p for p in manifest["train"] + manifest["val"] if not os.path.exists(p)]
+    if manifest.get("split_rule") != SPLIT_RULE:
+        raise PrepareError(f"the data in {PREPARED_DIR} was prepared before the test split existed; run python prepare.py "
+                           f"again (its fingerprint changes, so give the loop a new --tag).")
+    missing = [p for p in manifest["train"] + manifest["val"] + manifest["test"] if not os.path.exists(p)]
     if missing:
         raise PrepareError(f"the prepared data lists {missing[0]}, which is gone; run python prepare.py again.")
     manifest["dir"] = PREPARED_DIR
@@ -380,18 +406,22 @@ def prepare(source=None, num_shards=10, base_url=None, force=False, attempts=5):
         with open(manifest_path()) as f:
             previous = json.load(f)
     same = (previous and previous["source"] == source and previous["files_hash"] == data["files_hash"]
-            and previous["vocab_size"] == VOCAB_SIZE and os.path.exists(os.path.join(PREPARED_DIR, "tokenizer.pkl")))
+            and previous["vocab_size"] == VOCAB_SIZE and previous.get("split_rule") == SPLIT_RULE
+            and os.path.exists(os.path.join(PREPARED_DIR, "tokenizer.pkl")))
     if same and not force:
         print(f"prepare: already prepared, nothing to do (fingerprint {previous['fingerprint']}) in {PREPARED_DIR}")
         return load_manifest()
     if previous and previous["source"] != source:
         print(f"prepare: replacing source {previous['source']} with {source} for the {PRESET} preset")
+    elif previous and previous.get("split_rule") != SPLIT_RULE:
+        print(f"prepare: the cache was split before the test split existed; re-preparing it "
+              f"(fingerprint {previous['fingerprint']} changes, so give the loop a new --tag)")
     t0 = time.time()
     tokenizer_hash = train_tokenizer(data["train"], VOCAB_SIZE, PREPARED_DIR)
     fingerprint = source.split(":")[0] + ":" + hashlib.sha256(
-        f"{source}|{data['files_hash']}|{tokenizer_hash}".encode()).hexdigest()[:12]
+        f"{source}|{data['files_hash']}|{tokenizer_hash}|{SPLIT_RULE}".encode()).hexdigest()[:12]
     manifest = dict(source=source, preset=PRESET, vocab_size=VOCAB_SIZE, train=data["train"], val=data["val"],
-                    files_hash=data["files_hash"], tokenizer_hash=tokenizer_hash, fingerprint=fingerprint,
+                    test=data["test"], split_rule=SPLIT_RULE, files_hash=data["files_hash"], tokenizer_hash=tokenizer_hash, fingerprint=fingerprint,
                     created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     tmp = manifest_path() + ".tmp"
     with open(tmp, "w") as f:
@@ -411,15 +441,19 @@ def _is_meta(text):
     return zlib.crc32(text.encode("utf-8")) % META_MODULUS == 0
 
 
+TRAINING_SPLITS = ("train", "meta")   # what make_dataloader serves
+EVALUATION_SPLITS = ("val", "test")   # what only evaluate() reads
+
+
 def _document_batches(split, seed):
-    """Endless (documents, epoch): val in file order; train shuffled by row group when seeded."""
+    """Endless (documents, epoch): val and test in file order; train shuffled by row group when seeded."""
     manifest = load_manifest()
-    files = manifest["val"] if split == "val" else manifest["train"]
+    files = manifest[split] if split in EVALUATION_SPLITS else manifest["train"]
     units = [(path, rg) for path in files for rg in range(pq.ParquetFile(path).num_row_groups)]
     epoch = 1
     while True:
         order = list(units)
-        if split != "val" and seed is not None:
+        if split in TRAINING_SPLITS and seed is not None:
             random.Random(seed * 1000003 + epoch).shuffle(order)
         for path, rg in order:
             docs = pq.ParquetFile(path).read_row_group(rg, columns=["text"]).column("text").to_pylist()
@@ -439,9 +473,17 @@ def make_dataloader(tokenizer, B, T, split, seed=None, device=None, buffer_size=
     file feeds many rows instead of one cropped row. A row opens with the oldest piece in the
     buffer; the space left is packed best-fit (the longest piece that still fits), and when none
     fits the shortest piece is cropped to fill the row exactly, as upstream.
-    split: "train", "val", or "meta" (a held-out slice of the training stream, never trained on).
+    split: "train", or "meta" (a held-out slice of the training stream, never trained on). val and
+    test are refused here, whatever the spelling of the call: only evaluate() reads them.
     """
-    assert split in ("train", "val", "meta")
+    if type(split) is not str or split not in TRAINING_SPLITS:  # a str subclass could fake its equality
+        raise ValueError(f"make_dataloader serves only the 'train' and 'meta' splits, not {split!r}; "
+                         f"val and test are read only by the fixed evaluation (evaluate).")
+    return _packed_rows(tokenizer, B, T, split, seed, device, buffer_size)
+
+
+def _packed_rows(tokenizer, B, T, split, seed, device, buffer_size=1000):
+    """The packing behind make_dataloader, for any split; evaluate() reads val and test through it."""
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     row_capacity = T + 1
     bos = tokenizer.get_bos_token_id()
@@ -499,16 +541,19 @@ def make_dataloader(tokenizer, B, T, split, seed=None, device=None, buffer_size=
 # ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, tokenizer, batch_size, device=None):
+def evaluate(model, tokenizer, batch_size, device=None, split="val"):
     """
-    val_bpb, val_loss, val_accuracy and val_perplexity over EVAL_TOKENS of the val split.
+    val_bpb, val_loss, val_accuracy and val_perplexity over EVAL_TOKENS of the val split; with
+    split="test" (the verifier's, never train.py's), the same four as test_* over the test split.
     The model is called on the inputs alone and must return logits (B, T, vocab); the targets
     never reach it. Bits per byte: summed cross-entropy (nats) over summed target bytes, special
     tokens (0 bytes) excluded from both sums, converted to bits: vocabulary-independent.
     """
+    if split not in EVALUATION_SPLITS:
+        raise ValueError(f"evaluate scores only the 'val' or 'test' split, not {split!r}.")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     token_bytes = get_token_bytes(device)
-    loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
+    loader = _packed_rows(tokenizer, batch_size, MAX_SEQ_LEN, split, None, device)
     steps = max(1, EVAL_TOKENS // (batch_size * MAX_SEQ_LEN))
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.float64, device=device)
@@ -529,9 +574,9 @@ def evaluate(model, tokenizer, batch_size, device=None):
         total_tokens += mask.sum().double()
         total_correct += ((logits.argmax(dim=-1) == y) & mask).sum().double()
     nats, nbytes, tokens = total_nats.item(), total_bytes.item(), max(total_tokens.item(), 1.0)
-    val_loss = nats / tokens
-    return dict(val_bpb=nats / (math.log(2) * nbytes), val_loss=val_loss,
-                val_accuracy=total_correct.item() / tokens, val_perplexity=math.exp(min(val_loss, 700.0)))
+    loss = nats / tokens
+    return {f"{split}_bpb": nats / (math.log(2) * nbytes), f"{split}_loss": loss,
+            f"{split}_accuracy": total_correct.item() / tokens, f"{split}_perplexity": math.exp(min(loss, 700.0))}
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,10 @@ refuses or invalidates runs that could fake, leak or stretch their way to a keep
     the functions the metric uses;
   - time: the runner's own clock, not the summary, says how long a run trained;
   - before a keep: the checkpoint re-evaluated in a fresh process by prepare.evaluate must give the
-    reported val_bpb, and changing future tokens must not move earlier logits (causality probe).
+    reported val_bpb, and changing future tokens must not move earlier logits (causality probe);
+  - val against test: the same process scores the checkpoint on test, which the search never selects
+    on; a val gain that test does not match (beyond the noise of the baselines' val-test gap) is
+    refused, because train.py is arbitrary code and could read val by a route no check above names.
 Each check returns None or one line naming the check and its numbers; a failure makes the run
 `invalid` with that line as its reason.
 """
@@ -39,7 +42,13 @@ FORBIDDEN_MODULES = frozenset({
     "urllib", "http", "requests", "pyarrow", "pandas", "datasets", "pickle",
 })
 FORBIDDEN_CALLS = frozenset({"exec", "eval", "compile", "__import__", "globals", "vars", "delattr"})
-FORBIDDEN_STRINGS = ("val.parquet", "prepared.json", "token_bytes.pt", "shard_06542", "AUTORESEARCH_CACHE")
+FORBIDDEN_STRINGS = ("val.parquet", "test.parquet", "prepared.json", "token_bytes.pt", "shard_06542", "shard_06541",
+                     "AUTORESEARCH_CACHE")
+# Ways to run another program, which could read the data with no name the check would see.
+PROGRAM_RUNNING_CALLS = frozenset({"os.system", "os.popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.posix_spawnp"})
+PROGRAM_RUNNING_PREFIXES = ("os.exec", "os.spawn")
+# The val-vs-test rule's noise is never taken below this (bpb): two baselines can agree by chance.
+GAP_NOISE_FLOOR = 0.005
 # Attribute assignments on these are tuning knobs, not tampering.
 TUNABLE_ATTRIBUTE_ROOTS = ("torch.backends.", "torch._dynamo.config.", "torch._inductor.config.",
                            "torch._functorch.config.")
@@ -100,6 +109,18 @@ def _module_level(tree: ast.Module) -> Iterable[ast.AST]:
         stack.extend(ast.iter_child_nodes(node))
 
 
+def _local_uses(tree: ast.Module, names: set[str]) -> set[int]:
+    """ids of the Name nodes, among names, inside a function that binds that name itself (a local variable)."""
+    ids = set()
+    for function in ast.walk(tree):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            inner = list(ast.walk(function))
+            bound = {n.id for n in inner if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            bound |= {a.arg for a in ast.walk(function.args) if isinstance(a, ast.arg)}
+            ids |= {id(n) for n in inner if isinstance(n, ast.Name) and n.id in names & bound}
+    return ids
+
+
 def _docstrings(tree: ast.Module) -> set[int]:
     ids = set()
     for node in ast.walk(tree):
@@ -118,6 +139,8 @@ def static_problems(source: str) -> list[str]:
         return [f"train.py does not parse: line {e.lineno}: {e.msg}"]
     problems: list[str] = []
     from_prepare: set[str] = set()
+    loaders: set[str] = {"make_dataloader"}  # the names make_dataloader is bound to
+    evaluators: set[str] = {"evaluate"}
     modules: set[str] = set()  # names bound to imported modules
     evaluate_calls = 0
 
@@ -140,6 +163,7 @@ def static_problems(source: str) -> list[str]:
                     if alias.name not in ALLOWED_FROM_PREPARE:
                         flag(node, f"imports prepare.{alias.name}, an internal of the data or the evaluation")
                     from_prepare.add(alias.asname or alias.name)
+                    {"make_dataloader": loaders, "evaluate": evaluators}.get(alias.name, set()).add(alias.asname or alias.name)
             elif root in FORBIDDEN_MODULES:
                 flag(node, f"imports from {node.module}, which train.py has no use for but a metric hack does")
             else:
@@ -150,7 +174,13 @@ def static_problems(source: str) -> list[str]:
             if isinstance(target, ast.Name) and target.id in from_prepare:
                 flag(node, f"rebinds {target.id}, a constant or function of prepare.py")
     docstrings = _docstrings(tree)
+    called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    shadowed = _local_uses(tree, loaders | evaluators)
     for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id in loaders | evaluators \
+                and id(node) not in called | shadowed:
+            flag(node, f"uses {node.id} other than by calling it (an alias or a partial hides the split); "
+                       f"call it directly")
         if isinstance(node, ast.Global):
             for name in set(node.names) & from_prepare:
                 flag(node, f"declares {name} global, to rebind a constant or function of prepare.py")
@@ -168,6 +198,8 @@ def static_problems(source: str) -> list[str]:
             func = _dotted(node.func) or f"<...>.{base}"
             if func in FORBIDDEN_CALLS:
                 flag(node, f"calls {func}()")
+            elif func in PROGRAM_RUNNING_CALLS or func.startswith(PROGRAM_RUNNING_PREFIXES):
+                flag(node, f"calls {func}(), which runs another program")
             elif func in ("os.putenv", "os.unsetenv") or (func.startswith("os.environ.") and base in ENVIRONMENT_WRITES):
                 flag(node, f"calls {func}(); the AUTORESEARCH_* settings are the harness's")
             elif func in ("setattr", "getattr") and len(node.args) >= 2 and not isinstance(node.args[1], ast.Constant):
@@ -178,13 +210,15 @@ def static_problems(source: str) -> list[str]:
                 flag(node, f"calls {func}(), which changes files")
             elif base == "open" and _opens_for_writing(node, method=func != "open"):
                 flag(node, "opens a file for writing; a run may only write its checkpoint (torch.save)")
-            elif base == "make_dataloader":
+            elif base in loaders:
                 split = node.args[3] if len(node.args) >= 4 else next((k.value for k in node.keywords if k.arg == "split"), None)
                 if not (isinstance(split, ast.Constant) and split.value in TRAINING_SPLITS):
                     shown = ast.unparse(split) if split is not None else "nothing"
                     flag(node, f"calls make_dataloader with split {shown}; training may read only 'train' or 'meta'")
-            elif base == "evaluate":
+            elif base in evaluators:
                 evaluate_calls += 1
+                if len(node.args) > 4 or any(k.arg in ("split", None) for k in node.keywords):
+                    flag(node, "calls evaluate with a split; train.py's one evaluation is of val, by default")
         if isinstance(node, ast.Attribute):
             if node.attr in FORBIDDEN_ATTRIBUTES and (node.attr != "library" or _dotted(node.value) == "torch") \
                     or node.attr == "modules" and _dotted(node.value) == "sys":
@@ -198,6 +232,24 @@ def static_problems(source: str) -> list[str]:
     if evaluate_calls > 1:
         problems.append(f"calls evaluate {evaluate_calls} times; one final evaluation is all a run may see of the validation split")
     return problems
+
+
+def gap_noise(baselines: Iterable[tuple[float, float]], floor: float = GAP_NOISE_FLOOR) -> float:
+    """The noise of val_bpb - test_bpb over the baselines' (val_bpb, test_bpb), never below floor.
+
+    The val-vs-test rule compares a val gain with a test gain measured on the same checkpoint, so
+    what varies between honest runs is the gap between the two splits, not either split alone.
+    """
+    gaps = [val - test for val, test in baselines]
+    return max(statistics.stdev(gaps), floor) if len(gaps) >= 2 else floor
+
+
+def val_test_problem(val_gain: float, test_gain: float, noise: float, k: float) -> str | None:
+    """The val-vs-test rule: a gain on val (best minus candidate, in bpb) must show on test within k x noise."""
+    if val_gain > test_gain + k * noise:
+        return (f"val-vs-test: val_bpb improved by {val_gain:.4f} but test_bpb by {test_gain:.4f}, more than "
+                f"{k:g} x {noise:.4f} (the baselines' val-test gap noise) short; the gain on val does not carry to test")
+    return None
 
 
 def _opens_for_writing(call: ast.Call, method: bool) -> bool:

@@ -38,7 +38,7 @@ from agent.backlog import BacklogItem, load_backlog  # noqa: E402
 from agent.branch import ExperimentBranch, remove_tag, require_clean, tag_footprint  # noqa: E402
 from agent.config import DEMO_BUDGET, DEMO_EXPERIMENTS, DEMO_TAG, LoopConfig, default_tag  # noqa: E402
 from agent.github_backlog import fetch_issue_backlog  # noqa: E402
-from agent.guard import Guard  # noqa: E402
+from agent.guard import Guard, gap_noise, val_test_problem  # noqa: E402
 from agent.judge import JUDGES, NoiseFloor, Verdict, noise_floor  # noqa: E402
 from agent.ledger import Ledger  # noqa: E402
 from agent.limits import BacklogExhausted, Limits  # noqa: E402
@@ -64,7 +64,7 @@ class Data:
 def prepared_data(python: str, repo_root: Path, env: dict[str, str], *, prepare_if_missing: bool = False) -> Data:
     """Ask the user's prepare.py about its cache; prepare the builtin corpus first if asked and missing."""
     query = ("import json, os, prepare; m = prepare.load_manifest(); "
-             "files = m['train'] + m['val'] + [os.path.join(m['dir'], f) for f in "
+             "files = m['train'] + m['val'] + m['test'] + [os.path.join(m['dir'], f) for f in "
              "('prepared.json', 'tokenizer.pkl', 'token_bytes.pt')]; "
              "print(json.dumps({'fingerprint': m['fingerprint'], 'budget': prepare.TIME_BUDGET, 'files': files}))")
 
@@ -166,6 +166,9 @@ class Loop:
             if row["status"] == "keep" and row["experiment"] != "baseline":
                 self.best_commit, self.best_values = self._full_sha(row["commit"]), run_values(row)
         self.best_val = statistics.fmean(self.best_values) if self.best_values else None
+        best_row = next((r for r in reversed(rows) if r["status"] == "keep" and r["experiment"] != "baseline"),
+                        self.baselines[0] if self.baselines else None)
+        self.best_test = float(best_row["test_bpb"]) if best_row and best_row["test_bpb"] else None  # its first run's
         self.floor: NoiseFloor = noise_floor([float(r["val_bpb"]) for r in self.baselines])
         first = self.baselines[0] if self.baselines else {}
         self.reference = (Reference(float(first["probe_seconds"]), float(first["cpu_per_second"]) if first["cpu_per_second"] else None)
@@ -307,8 +310,9 @@ class Loop:
                 self.record(dict(row, status="contended", reason=self.contended_reason(run)))
                 raise LoopStop(f"the baseline never had the machine to itself ({run.contended}), so it would "
                                f"measure the load, not train.py; stop what else is running, then run again.")
-            if outcome.status == "ok" and not problem and index == 0:
-                problem, _ = self.guard.verify(self.config.runs_dir / name, outcome.summary.val_bpb)
+            if outcome.status == "ok" and not problem:  # every baseline: their test_bpb give the val-test noise
+                problem, verified = self.guard.verify(self.config.runs_dir / name, outcome.summary.val_bpb)
+                row["test_bpb"] = verified.get("test_bpb")
             if outcome.status != "ok" or problem:
                 self.record(dict(row, status="invalid" if problem else outcome.status, reason=problem or outcome.reason))
                 self.stop_if_untrusted()
@@ -405,8 +409,11 @@ class Loop:
         else:
             runs, status, reason, verdict = self.judged(name, proposal, run, best, added, removed)
             row.update(delta=verdict.delta, threshold=verdict.threshold)
-            if status == "keep":
-                problem, _ = self.guard.verify(runs[-1].outcome.log_path.parent, runs[-1].outcome.summary.val_bpb)
+            if status == "keep":  # the first run's checkpoint: its seed is the one every best has a test score on
+                first = runs[0].outcome
+                problem, verified = self.guard.verify(first.log_path.parent, first.summary.val_bpb)
+                row["test_bpb"] = verified.get("test_bpb")
+                problem = problem or self.val_test_check(verified, best[0])
                 if problem:
                     status, reason = "invalid", f"{problem} (the judge would have kept it: {reason})"
         self.finish(name, sha, parent, dict(row, **self.measured(runs), status=status, reason=reason))
@@ -453,6 +460,14 @@ class Loop:
             verdict = self.judge([r.outcome.summary.val_bpb for r in runs], best, added, removed)
         return runs, verdict.status, verdict.reason, verdict
 
+    def val_test_check(self, verified: dict, best_val: float) -> str | None:
+        """The val-vs-test rule for a verified would-be keep (its first run), against the best's run on the
+        same seed: the gain on val must show on test."""
+        if self.best_test is None:  # a tag begun before test scores existed: nothing to compare with
+            return None
+        noise = gap_noise([(float(r["val_bpb"]), float(r["test_bpb"])) for r in self.baselines if r["test_bpb"]])
+        return val_test_problem(best_val - verified["val_bpb"], self.best_test - verified["test_bpb"], noise, self.config.k)
+
     def finish(self, name: str, sha: str, parent: str, row: dict[str, object]) -> None:
         """Keep the commit under a ref, record the row, then advance the best or go back to it."""
         self.crashes_in_a_row = self.crashes_in_a_row + 1 if row["status"] == "crash" else 0
@@ -463,6 +478,7 @@ class Loop:
         if row["status"] == "keep":
             self.best_commit, self.best_values = sha, run_values(row)
             self.best_val = statistics.fmean(self.best_values)
+            self.best_test = float(row["test_bpb"]) if row.get("test_bpb") is not None else None
             self.view.best(self.best_val, self.floor.describe())
         else:
             self.branch.reset(parent)

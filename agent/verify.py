@@ -1,10 +1,10 @@
 """
-Re-evaluate a run's checkpoint in a fresh process with prepare.py's evaluation, then probe the
-model for causality. The guard runs it with the experiment's worktree as the working directory:
+Re-evaluate a run's checkpoint in a fresh process with prepare.py's evaluation, on val (which the
+search selects on) and on test (which it never sees), then probe the model for causality. The guard runs it with the experiment's worktree as the working directory:
 
     python agent/verify.py CHECKPOINT [--batch N] [--sequences 4] [--positions 3]
 
-It prints one JSON line: the re-evaluated metrics, the causality probe's largest deviation, and any
+It prints one JSON line: the re-evaluated val_* and test_* metrics with the seconds each took, the causality probe's largest deviation, and any
 attribute of prepare, math, builtins, torch, torch.nn.functional, torch.Tensor or nn.Module that
 importing train.py replaced (a way to fake the metric for the run and this re-evaluation alike).
 """
@@ -16,6 +16,7 @@ import math
 import os
 import random
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,7 @@ def main():
     parser.add_argument("--positions", type=int, default=3)
     args = parser.parse_args()
     before = snapshot()
-    evaluate, make_dataloader = prepare.evaluate, prepare.make_dataloader
+    evaluate, packed_rows = prepare.evaluate, prepare._packed_rows
     import train  # the experiment's model code; its training loop does not run on import
 
     tampered = tampered_names(before)
@@ -74,14 +75,18 @@ def main():
     tokenizer = prepare.Tokenizer.from_directory()
     batch = args.batch or getattr(train, "EVAL_BATCH_SIZE", 4)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    with autocast:
-        metrics = evaluate(model, tokenizer, batch, device=device)
+    metrics = {}
+    for split in prepare.EVALUATION_SPLITS:
+        t0 = time.perf_counter()
+        with autocast:
+            metrics.update(evaluate(model, tokenizer, batch, device=device, split=split))
+        metrics[f"{split}_seconds"] = time.perf_counter() - t0
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     generator = torch.Generator().manual_seed(1234)
-    loader = make_dataloader(tokenizer, args.sequences, prepare.MAX_SEQ_LEN, "val", device=device)
+    loader = packed_rows(tokenizer, args.sequences, prepare.MAX_SEQ_LEN, "val", None, device)
     tokens, _, _ = next(loader)
     rng = random.Random(1234)
     positions = sorted(rng.sample(range(0, prepare.MAX_SEQ_LEN - 1), args.positions))

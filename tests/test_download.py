@@ -3,6 +3,7 @@ mirror (--base-url), resuming a cut-off transfer with a Range request, and the o
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -70,25 +71,28 @@ def shard(name: str, n: int = 300) -> bytes:
     return parquet_bytes([f"{name} story {i}: a cat named Tom{i % 17} sat on mat {i * 3}. The end." for i in range(n)])
 
 
-def test_climbmix_downloads_the_first_shard_and_the_pinned_val_shard(run_python, tmp_path):
+def test_climbmix_downloads_the_first_shard_and_the_pinned_val_and_test_shards(run_python, tmp_path):
     cache = tmp_path / "cache"
     files = {"/shard_00000.parquet": shard("train"), "/shard_06542.parquet": shard("val", 100),
-             "/shard_00001.parquet": shard("unwanted")}
+             "/shard_06541.parquet": shard("test", 100), "/shard_00001.parquet": shard("unwanted")}
     with Mirror(files) as mirror:
         result = run_python("prepare.py", "--source", "climbmix", "--base-url", mirror.url, "--num-shards", "1",
                             env={"AUTORESEARCH_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr
-    assert sorted(path for path, _ in mirror.requests) == ["/shard_00000.parquet", "/shard_06542.parquet"]
+    assert sorted(path for path, _ in mirror.requests) == ["/shard_00000.parquet", "/shard_06541.parquet",
+                                                           "/shard_06542.parquet"]
     folder = cache / "sources" / "climbmix"
     assert (folder / "shard_00000.parquet").read_bytes() == files["/shard_00000.parquet"]
     assert (folder / "shard_06542.parquet").read_bytes() == files["/shard_06542.parquet"]
     manifest = json.loads((cache / "prepared" / "cpu" / "prepared.json").read_text())
     assert manifest["fingerprint"].startswith("climbmix:")
     assert manifest["val"] == [str(folder / "shard_06542.parquet")]
+    assert manifest["test"] == [str(folder / "shard_06541.parquet")]
     assert (cache / "prepared" / "cpu" / "tokenizer.pkl").exists()
 
 
-def test_tinystories_downloads_from_its_train_and_validation_paths(run_python, tmp_path):
+def test_tinystories_downloads_from_its_train_and_validation_paths_and_halves_validation_into_val_and_test(
+        run_python, tmp_path):
     cache = tmp_path / "cache"
     files = {"/train/0000.parquet": shard("train"), "/validation/0000.parquet": shard("val", 100)}
     with Mirror(files) as mirror:
@@ -99,7 +103,12 @@ def test_tinystories_downloads_from_its_train_and_validation_paths(run_python, t
     manifest = json.loads((cache / "prepared" / "cpu" / "prepared.json").read_text())
     assert manifest["fingerprint"].startswith("tinystories:")
     assert [Path(p).read_bytes() for p in manifest["train"]] == [files["/train/0000.parquet"]]
-    assert [Path(p).read_bytes() for p in manifest["val"]] == [files["/validation/0000.parquet"]]
+    stories = pq.read_table(io.BytesIO(files["/validation/0000.parquet"])).column("text").to_pylist()
+    val, test = ([text for path in manifest[name] for text in pq.read_table(path).column("text").to_pylist()]
+                 for name in ("val", "test"))
+    in_test = [int(hashlib.sha256(s.encode()).hexdigest(), 16) % 2 == 1 for s in stories]
+    assert val == [s for s, t in zip(stories, in_test) if not t] and test == [s for s, t in zip(stories, in_test) if t]
+    assert 30 < len(test) < 70
 
 
 def test_download_resumes_a_cut_transfer_with_a_range_request(tmp_path):

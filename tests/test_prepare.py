@@ -35,14 +35,15 @@ def parquet_texts(paths):
     return [text for path in paths for text in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
 
 
-def is_val_key(key):
-    return int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16) % 20 == 0
+def split_by_rule(key):
+    """The documented rule, written out again: sha256(key) % 20 is 0 for val, 1 for test, else train."""
+    return {0: "val", 1: "test"}.get(int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16) % 20, "train")
 
 
 @pytest.fixture(scope="module")
 def eval_batches(tokenizer):
     """The (inputs, targets) evaluate() sees at EVAL_BATCH rows per step."""
-    loader = prepare.make_dataloader(tokenizer, EVAL_BATCH, T, "val", device="cpu")
+    loader = prepare._packed_rows(tokenizer, EVAL_BATCH, T, "val", None, "cpu")
     steps = max(1, prepare.EVAL_TOKENS // (EVAL_BATCH * T))
     return [(x, y) for x, y, _ in islice(loader, steps)]
 
@@ -89,24 +90,25 @@ def test_token_bytes_count_each_tokens_bytes_and_zero_for_specials(tokenizer):
 # The builtin split
 # ---------------------------------------------------------------------------
 
-def test_no_val_document_is_in_train(prepared_builtin):
-    train = set(parquet_texts(prepared_builtin["train"]))
-    val = set(parquet_texts(prepared_builtin["val"]))
-    keys_by_text = {}
+@pytest.mark.parametrize("one, other", [("train", "val"), ("train", "test"), ("val", "test")])
+def test_no_document_is_in_two_splits(prepared_builtin, one, other):
+    texts = {name: set(parquet_texts(prepared_builtin[name])) for name in (one, other)}
+    splits_by_text = {}
     for key, text in prepare.builtin_documents():
-        keys_by_text.setdefault(text, set()).add(is_val_key(key))
-    same_text_in_both = {text for text, sides in keys_by_text.items() if sides == {True, False}}
-    assert val and train
-    assert train & val == same_text_in_both
+        splits_by_text.setdefault(text, set()).add(split_by_rule(key))
+    same_text_in_both = {text for text, splits in splits_by_text.items() if {one, other} <= splits}
+    assert texts[one] and texts[other]
+    assert texts[one] & texts[other] == same_text_in_both
 
 
-def test_val_holds_exactly_the_files_whose_path_hashes_to_zero_mod_20(prepared_builtin):
+def test_val_and_test_hold_exactly_the_files_whose_path_hashes_to_0_and_1_mod_20(prepared_builtin):
     documents = list(prepare.builtin_documents())
     assert len(documents) > 100
-    expected_val = [text for key, text in documents if is_val_key(key)]
-    expected_train = [text for key, text in documents if not is_val_key(key)]
-    assert parquet_texts(prepared_builtin["val"]) == expected_val
-    assert sorted(parquet_texts(prepared_builtin["train"])) == sorted(expected_train)
+    expected = {name: [text for key, text in documents if split_by_rule(key) == name] for name in ("train", "val", "test")}
+    assert parquet_texts(prepared_builtin["val"]) == expected["val"]
+    assert parquet_texts(prepared_builtin["test"]) == expected["test"]
+    assert sorted(parquet_texts(prepared_builtin["train"])) == sorted(expected["train"])
+    assert len(expected["test"]) > 10
 
 
 def first_epoch_documents(split):
@@ -145,7 +147,7 @@ def test_train_rows_start_with_bos_are_full_and_targets_are_shifted_inputs(token
 
 def test_val_stream_is_deterministic_and_ignores_the_seed(tokenizer):
     def first_batches(seed):
-        loader = prepare.make_dataloader(tokenizer, B, T, "val", seed=seed, device="cpu")
+        loader = prepare._packed_rows(tokenizer, B, T, "val", seed, "cpu")
         return [(x, y) for x, y, _ in islice(loader, 3)]
 
     reference = first_batches(None)
@@ -264,9 +266,9 @@ def test_local_source_reads_txt_jsonl_and_parquet(run_python, tmp_path):
     assert result.returncode == 0, result.stderr
     manifest = json.loads((cache / "prepared" / "cpu" / "prepared.json").read_text())
     assert re.fullmatch(r"local:[0-9a-f]{12}", manifest["fingerprint"])
-    train, val = parquet_texts(manifest["train"]), parquet_texts(manifest["val"])
-    assert train and val
-    assert Counter(train + val) == Counter(texts)
+    train, val, test = (parquet_texts(manifest[name]) for name in ("train", "val", "test"))
+    assert train and val and test
+    assert Counter(train + val + test) == Counter(texts)
     assert (cache / "prepared" / "cpu" / "tokenizer.pkl").exists()
 
 
@@ -315,7 +317,7 @@ prepare.prepare(sys.argv[1])
 tokenizer = prepare.Tokenizer.from_directory()
 vocab = tokenizer.get_vocab_size()
 metrics = prepare.evaluate(lambda idx: torch.zeros(*idx.shape, vocab), tokenizer, 64, device="cpu")
-loader = prepare.make_dataloader(tokenizer, 64, prepare.MAX_SEQ_LEN, "val", device="cpu")
+loader = prepare._packed_rows(tokenizer, 64, prepare.MAX_SEQ_LEN, "val", None, "cpu")
 steps = max(1, prepare.EVAL_TOKENS // (64 * prepare.MAX_SEQ_LEN))
 targets = torch.cat([y.reshape(-1) for _, y, _ in islice(loader, steps)])
 torch.save(dict(metrics=metrics, targets=targets, vocab=vocab, bos=tokenizer.get_bos_token_id()), sys.argv[2])
