@@ -234,7 +234,9 @@ class Probe:
         self.errors = tempfile.TemporaryFile()
         self.process = subprocess.Popen([self.python, str(WORKER), self.device], env=self.env,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
-                                        start_new_session=True)  # Ctrl-C is the loop's to handle; the worker ends at EOF
+                                        # its own session, as train.py has: the same share of the CPU where the
+                                        # kernel groups by session (autogroup); Ctrl-C is the loop's, EOF ends it
+                                        start_new_session=True)
         ready = self._reply(STARTUP_SECONDS)
         self.startup_seconds = time.perf_counter() - started
         self.threads = ready["threads"]

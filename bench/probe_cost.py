@@ -53,7 +53,10 @@ def main() -> None:
             cpu_before = worker_cpu_seconds(probe.process.pid)
             quiet, walls = timed_probes(probe, args.probes)
             cpu_per_probe = (worker_cpu_seconds(probe.process.pid) - cpu_before) / args.probes
-            hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hogs)]
+            # each in its own session, as another user's job: where the kernel groups CPU time by session
+            # (autogroup), hogs in the bench's own session would count as one
+            hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+                    for _ in range(args.hogs)]
             try:
                 time.sleep(0.2)  # the hogs are running, not starting
                 busy, _ = timed_probes(probe, args.hog_probes)
