@@ -26,7 +26,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:  # the runner imports this module for GpuWatch
+    from agent.runner import RunOutcome
 
 WORKER = Path(__file__).with_name("probe_worker.py")
 STARTUP_SECONDS = 120.0  # the worker's start: importing torch, a CUDA context, one warm-up
@@ -109,16 +112,6 @@ class ProbeResult:
         return min(self.repeats)
 
 
-class RunCost(Protocol):
-    """What contention reads of a run (agent.runner.RunOutcome offers it)."""
-
-    @property
-    def cpu_per_second(self) -> float | None: ...
-
-    @property
-    def gpu_sharers(self) -> tuple[GpuProcess, ...] | None: ...
-
-
 @dataclass(frozen=True)
 class Reference:
     """The machine as the tag's first baseline found it; two plain numbers, so the ledger can hold them."""
@@ -127,7 +120,7 @@ class Reference:
     cpu_per_second: float | None  # CPU-seconds per wall second of the reference run's process group
 
     @classmethod
-    def from_run(cls, before: ProbeResult, after: ProbeResult, outcome: RunCost | None = None) -> Reference:
+    def from_run(cls, before: ProbeResult, after: ProbeResult, outcome: RunOutcome | None = None) -> Reference:
         return cls(min(before.seconds, after.seconds), outcome.cpu_per_second if outcome is not None else None)
 
 
@@ -142,7 +135,7 @@ def _gpu_sentence(processes: Sequence[GpuProcess], when: str) -> str:
     return f"{many} ({listed}) used the GPU {when}"
 
 
-def contention(before: ProbeResult, after: ProbeResult, reference: Reference | None, outcome: RunCost,
+def contention(before: ProbeResult, after: ProbeResult, reference: Reference | None, outcome: RunOutcome,
                tolerance: float) -> str | None:
     """Why the run shared its machine, in one sentence with the numbers; None when it had it to itself.
 
@@ -193,11 +186,7 @@ class Quiet:
     reason: str  # one line for the user: how long it waited and what the last probe found
 
 
-class Measures(Protocol):
-    def measure(self) -> ProbeResult: ...
-
-
-def wait_until_quiet(probe: Measures, reference: Reference, tolerance: float, attempts: int = 4,
+def wait_until_quiet(probe: Probe, reference: Reference, tolerance: float, attempts: int = 4,
                      first_wait: float = 10.0) -> Quiet:
     """Probe after first_wait, 2 * first_wait, 4 * first_wait ... seconds until a probe is clean.
 
@@ -245,7 +234,9 @@ class Probe:
         self.errors = tempfile.TemporaryFile()
         self.process = subprocess.Popen([self.python, str(WORKER), self.device], env=self.env,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
-                                        start_new_session=True)  # Ctrl-C is the loop's to handle; the worker ends at EOF
+                                        # its own session, as train.py has: the same share of the CPU where the
+                                        # kernel groups by session (autogroup); Ctrl-C is the loop's, EOF ends it
+                                        start_new_session=True)
         ready = self._reply(STARTUP_SECONDS)
         self.startup_seconds = time.perf_counter() - started
         self.threads = ready["threads"]

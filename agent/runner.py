@@ -185,28 +185,32 @@ class _GroupCpu:
 class _GpuSharers(threading.Thread):
     """Polls nvidia-smi while the run lasts for processes on its GPU that are neither its own nor the harness's."""
 
-    def __init__(self, watch: GpuWatch, pgid: int) -> None:
+    def __init__(self, watch: GpuWatch, cpu: _GroupCpu) -> None:
         super().__init__(daemon=True)
         self.watch = watch
-        self.pgid = pgid
+        self.cpu = cpu
         self.found: dict[int, GpuProcess] = {}
         self.known = False
         self.stopped = threading.Event()
 
     def _in_group(self, pid: int) -> bool:
+        """A member now, or one seen before (nvidia-smi may still list a member that just exited)."""
         stat = _proc_stat(pid)
-        return stat is not None and stat[2] == str(self.pgid)
+        return pid in self.cpu.pids or (stat is not None and stat[2] == str(self.cpu.pgid))
+
+    def _poll(self) -> None:
+        others = self.watch.others()
+        if others is not None:
+            self.known = True
+            for process in others:
+                if not self._in_group(process.pid):
+                    self.found.setdefault(process.pid, process)
 
     def run(self) -> None:
-        while True:
-            others = self.watch.others()
-            if others is not None:
-                self.known = True
-                for process in others:
-                    if not self._in_group(process.pid):
-                        self.found.setdefault(process.pid, process)
-            if self.stopped.wait(_GPU_POLL_SECONDS):
-                return
+        self._poll()
+        while not self.stopped.wait(_GPU_POLL_SECONDS):
+            self._poll()
+        self._poll()  # what ran beside the run's last seconds
 
     def sharers(self) -> tuple[GpuProcess, ...] | None:
         self.stopped.set()
@@ -363,7 +367,7 @@ def run_training(
     reader.start()
     progress_times: list[float] = []
     cpu = _GroupCpu(pgid)
-    gpu = _GpuSharers(gpu_watch, pgid) if gpu_watch is not None else None
+    gpu = _GpuSharers(gpu_watch, cpu) if gpu_watch is not None else None
     if gpu is not None:
         gpu.start()
 

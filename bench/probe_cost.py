@@ -1,13 +1,15 @@
 """
 What the machine-speed probe costs next to a run, and whether it sees a busy machine: starts the
 probe's worker once, probes N times on a quiet machine, then probes while HOGS busy processes that
-the bench starts run beside it. A run costs two probes (before and after).
+the bench starts run beside it. A run costs two probes (before and after). The worker's CPU time per
+probe does not depend on the load: on an idle machine a probe's wall time is about that over its threads.
 
 Usage: python bench/probe_cost.py [--probes 20] [--hog-probes 5] [--hogs 2] [--device cpu|cuda]
 Prints `key: value` lines; exits non-zero when the probe fails.
 """
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -21,6 +23,12 @@ from agent.probe import Probe, ProbeError  # noqa: E402
 
 RUN_SECONDS = 300.0  # the gpu preset's budget, against which the cost is a percentage
 TOLERANCE = 0.10  # the loop's default --contention-tolerance
+
+
+def worker_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the probe's worker so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def timed_probes(probe: Probe, count: int) -> tuple[list[float], list[float]]:
@@ -42,8 +50,13 @@ def main() -> None:
     args = parser.parse_args()
     try:
         with Probe(args.device).open() as probe:
+            cpu_before = worker_cpu_seconds(probe.process.pid)
             quiet, walls = timed_probes(probe, args.probes)
-            hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hogs)]
+            cpu_per_probe = (worker_cpu_seconds(probe.process.pid) - cpu_before) / args.probes
+            # each in its own session, as another user's job: where the kernel groups CPU time by session
+            # (autogroup), hogs in the bench's own session would count as one
+            hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+                    for _ in range(args.hogs)]
             try:
                 time.sleep(0.2)  # the hogs are running, not starting
                 busy, _ = timed_probes(probe, args.hog_probes)
@@ -63,6 +76,7 @@ def main() -> None:
     print(f"probe_seconds_min: {min(quiet):.4f}")
     print(f"probe_ratio_quiet_max: {max(quiet) / statistics.median(quiet):.3f}")
     print(f"probe_wall_seconds_median: {statistics.median(walls):.4f}")
+    print(f"probe_worker_cpu_seconds_per_probe: {cpu_per_probe:.3f}")
     print(f"probe_cost_per_run_seconds: {cost:.3f}")
     print(f"probe_cost_percent_of_300s_run: {100 * cost / RUN_SECONDS:.3f}")
     print(f"probe_ratio_under_hog: {ratio_under_hog:.3f}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import subprocess
 import sys
 import textwrap
@@ -41,8 +42,9 @@ SLEEPING = "import time\ntime.sleep(1.0)\n"
 
 @contextlib.contextmanager
 def cpu_hogs(count: int = HOGS):
-    """`count` processes that burn a core each until the block ends."""
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    """`count` processes that burn a core each until the block ends, each in its own session as another
+    user's job would be (where the kernel groups CPU time by session, a hog in ours would count less)."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(count)]
     try:
         yield hogs
     finally:
@@ -122,6 +124,17 @@ def test_the_runner_sees_a_busy_run_get_less_cpu_beside_hogs(tmp_path: Path) -> 
     why = contention(same, same, reference, shared, TOLERANCE)
     assert why == (f"the run's process group used {shared.cpu_per_second:.2f} CPU-seconds per second against "
                    f"{alone.cpu_per_second:.2f} on the reference run (tolerance 25%)")
+
+
+def test_the_runner_counts_the_cpu_time_the_kernel_accounts(tmp_path: Path) -> None:
+    """Whatever the load: the sampled CPU time of a busy run matches getrusage of the reaped run."""
+    workdir = stand_in(tmp_path / "busy", BUSY)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    outcome = run(workdir)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    kernel = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+    assert outcome.cpu_seconds == pytest.approx(kernel, rel=0.1, abs=0.1)
+    assert outcome.cpu_per_second == outcome.cpu_seconds / outcome.wall_seconds
 
 
 def test_a_sleeping_run_never_triggers_the_cpu_rule(tmp_path: Path) -> None:
