@@ -15,6 +15,7 @@ from agent.stops import UserError
 DEMO_BUDGET = 20.0        # seconds of training per demo run
 DEMO_EXPERIMENTS = 3      # experiments a demo runs after its baselines
 DEMO_TAG = "demo"         # undated, so the same --demo command resumes the same tag on any day
+DEMO_BACKLOG = "agent/demo_backlog.md"  # the demo's own short backlog, one item of it measured to help
 STARTUP_ALLOWANCE = {"cpu": 120.0, "gpu": 300.0}  # seconds for imports, compilation and the final eval
 
 

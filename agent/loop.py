@@ -36,7 +36,7 @@ from pydantic import ValidationError  # noqa: E402
 
 from agent.backlog import BacklogItem, load_backlog  # noqa: E402
 from agent.branch import ExperimentBranch, remove_tag, require_clean, tag_footprint  # noqa: E402
-from agent.config import DEMO_BUDGET, DEMO_EXPERIMENTS, DEMO_TAG, LoopConfig, default_tag  # noqa: E402
+from agent.config import DEMO_BACKLOG, DEMO_BUDGET, DEMO_EXPERIMENTS, DEMO_TAG, LoopConfig, default_tag  # noqa: E402
 from agent.github_backlog import fetch_issue_backlog  # noqa: E402
 from agent.guard import Guard, gap_noise, val_test_problem  # noqa: E402
 from agent.judge import JUDGES, NoiseFloor, Verdict, noise_floor  # noqa: E402
@@ -552,8 +552,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--proposer", choices=["backlog", "claude", "auto"], default="auto",
                    help="auto: claude when ANTHROPIC_API_KEY is set, else backlog")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--backlog", type=Path, default=REPO_ROOT / "agent" / "backlog.md",
-                        help="the backlog file (default: agent/backlog.md)")
+    source.add_argument("--backlog", type=Path,
+                        help="the backlog file (default: agent/backlog.md; with --demo, agent/demo_backlog.md)")
     source.add_argument("--backlog-issue", metavar="OWNER/REPO#N",
                         help="read the backlog from a GitHub issue's description (or its URL); "
                              "GITHUB_TOKEN is used when set")
@@ -599,7 +599,7 @@ def resume_command(argv: list[str], args: argparse.Namespace, tag: str) -> str:
 
 
 def build_config(args: argparse.Namespace, argv: list[str] | None = None) -> LoopConfig:
-    backlog = args.backlog
+    backlog = args.backlog or REPO_ROOT / (DEMO_BACKLOG if args.demo else "agent/backlog.md")
     if args.backlog_issue:
         fetched = fetch_issue_backlog(args.backlog_issue, api_url=args.github_api_url)
         if fetched.note:

@@ -1,9 +1,10 @@
 """
 The reference a tuned train.py must beat on the cpu preset: a plain ~60-line GPT + AdamW loop
-(learned positions, LayerNorm, GELU, tied embeddings, constant LR), trained for the same budget on
-the same data and scored by the same prepare.evaluate. Prints `val_bpb: ...` and friends.
+(learned positions, LayerNorm, GELU, tied embeddings; AdamW whose LR decays linearly to 0 over the last
+half of the budget, as train.py's does), trained for the same budget on the same data and scored by the
+same prepare.evaluate. Prints `val_bpb: ...` and friends.
 
-Usage: AUTORESEARCH_PRESET=cpu python bench/plain_gpt.py [--lr 1e-3] [--seconds 60]
+Usage: AUTORESEARCH_PRESET=cpu python bench/plain_gpt.py [--lr 3e-3] [--seconds 60] [--seed 42]
 """
 
 import argparse
@@ -50,17 +51,20 @@ class PlainGPT(nn.Module):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW LR")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=TIME_BUDGET)
+    parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
-    torch.manual_seed(42)
+    torch.manual_seed(args.seed)
     tokenizer = Tokenizer.from_directory()
     model = PlainGPT(tokenizer.get_vocab_size())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.1)
-    loader = make_dataloader(tokenizer, args.batch, MAX_SEQ_LEN, "train", seed=42, device="cpu")
+    loader = make_dataloader(tokenizer, args.batch, MAX_SEQ_LEN, "train", seed=args.seed, device="cpu")
     start, step = time.time(), 0
-    while time.time() - start < args.seconds:
+    while (progress := (time.time() - start) / args.seconds) < 1.0:
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, 2 * (1.0 - progress))  # flat, then linear to 0 over the last half
         x, y, _ = next(loader)
         loss = F.cross_entropy(model(x).view(-1, tokenizer.get_vocab_size()), y.view(-1))
         optimizer.zero_grad(set_to_none=True)
@@ -70,7 +74,7 @@ def main():
         if not math.isfinite(loss.item()):
             sys.exit("plain_gpt: loss is NaN")
     model.eval()
-    metrics = evaluate(model, tokenizer, 4, device="cpu")
+    metrics = evaluate(model, tokenizer, 16, device="cpu")
     print("---")
     print(f"val_bpb: {metrics['val_bpb']:.6f}")
     print(f"val_loss: {metrics['val_loss']:.6f}")

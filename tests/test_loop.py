@@ -514,7 +514,7 @@ def test_greedy_keeps_what_the_noise_judge_discards(project: Project):
 @pytest.mark.slow
 def test_demo_runs_the_real_train_py_and_resumes(make_project):
     project = make_project(REPO_ROOT / "train.py")
-    first_items = [item.id for item in load_backlog(project.root / "agent" / "backlog.md") if item.edits][:2]
+    first_items = [item.id for item in load_backlog(project.root / "agent" / "demo_backlog.md") if item.edits][:2]
     # The run's own timeout is generous: on a loaded 2-core machine a 3 s run spends a minute in eval.
     args = ("--demo", "--time-budget", "3", "--max-experiments", "1", "--confirm-margin", "0", "--timeout", "900")
 
