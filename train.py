@@ -832,7 +832,9 @@ class DeepNestedOptimizer(MuonAdamW):
         """
         One meta-step of both networks: from the current weights (left unchanged), k_unroll differentiable
         updates on the last train batches, then the loss on meta_batch (held out from training), differentiated
-        back to the controller and the momentum network. A batch is a tuple of the model's arguments;
+        back to the controller and the momentum network: through every update, and through the gradient of the
+        last one only (earlier gradients count as constants, first-order), so its memory is one double backward
+        on DN_META_ROWS rows whatever k_unroll is. A batch is a tuple of the model's arguments;
         loss_fn(output, batch) makes the loss of the output (default: the output is the loss). Returns it.
         """
         if self.record is None:
@@ -854,9 +856,12 @@ class DeepNestedOptimizer(MuonAdamW):
                 mult = self._log_multipliers(rec["x"]).exp()
                 shift, w = self._momentum_corrections(rec["y"])
             inner = [self._unroll_state(g) for g in self.param_groups]
-            for batch in list(train_batches)[-self.k_unroll:]:
-                grads = dict(zip(keys, torch.autograd.grad(loss_at(theta, batch), [theta[k] for k in keys],
-                                                           create_graph=True, allow_unused=True)))
+            batches = list(train_batches)[-self.k_unroll:]
+            for j, batch in enumerate(batches):
+                last = j == len(batches) - 1  # only the last step's Hessian term is kept: one double backward
+                at = theta if last else {k: v.detach().requires_grad_(v.requires_grad) for k, v in theta.items()}
+                grads = dict(zip(keys, torch.autograd.grad(loss_at(at, batch), [at[k] for k in keys],
+                                                           create_graph=last, allow_unused=True)))
                 theta = dict(theta)
                 for g, ks, s in zip(self.param_groups, groups, inner):
                     new = self._unrolled_update(g, [theta[k] for k in ks], [grads[k] for k in ks], s,

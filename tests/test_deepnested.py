@@ -256,8 +256,9 @@ def test_explicit_meta_update_trains_both_networks_and_leaves_the_model_alone():
 
 
 def test_explicit_meta_gradient_is_the_derivative_of_the_unrolled_loss():
-    """The meta-gradient of each last-layer bias equals a central finite difference of the meta loss."""
-    model, optimizer, train_batches, meta_batch = explicit_setup()
+    """The meta-gradient of each last-layer bias equals a central finite difference of the meta loss (one unrolled
+    step: the only one whose gradient is differentiated too)."""
+    model, optimizer, train_batches, meta_batch = explicit_setup(k=1)
     biases = [optimizer.controller.layers[-1].bias, optimizer.momentum_net.layers[-1].bias]
     optimizer.meta_optimizer = torch.optim.SGD(biases, lr=1.0)  # one step of lr 1 moves a bias by minus its gradient
     before = [b.detach().clone() for b in biases]
