@@ -298,27 +298,20 @@ def best_odd_quintic(l, u):
     """The odd quintic a x + b x^3 + c x^5 nearest to 1 on [l, u] in the max norm (Remez exchange)."""
     if l / u > 1 - 5e-6:
         return 15 / 8 / u, -10 / 8 / u**3, 3 / 8 / u**5  # the equioscillating quintic's limit as l -> u
-    q, r, error = (3 * l + u) / 4, (l + 3 * u) / 4, math.inf
-    for _ in range(100):
-        rows = [[x, x**3, x**5, (-1.0) ** i] for i, x in enumerate((l, q, r, u))]
-        a, b, c, new_error = torch.linalg.solve(torch.tensor(rows, dtype=torch.float64),
-                                                torch.ones(4, dtype=torch.float64)).tolist()
+    q, r = (3 * l + u) / 4, (l + 3 * u) / 4
+    for _ in range(30):  # converged to float64 within ~10 exchanges
+        rows = torch.tensor([[x, x**3, x**5, (-1.0) ** i] for i, x in enumerate((l, q, r, u))], dtype=torch.float64)
+        a, b, c, _ = torch.linalg.solve(rows, torch.ones(4, dtype=torch.float64)).tolist()
         root = math.sqrt(9 * b * b - 20 * a * c)  # the error's interior extremes: roots of a + 3b x^2 + 5c x^4
         q, r = math.sqrt((-3 * b - root) / (10 * c)), math.sqrt((-3 * b + root) / (10 * c))
-        if abs(new_error - error) <= 1e-15:
-            break
-        error = new_error
     return a, b, c
 
 
 def polar_express(steps, floor=1e-3, safety=0.02, cushion=0.02):
-    """
-    Polar Express coefficients (Amsel et al. 2025) designed for `steps` iterations: greedily, each is the odd
-    quintic nearest to 1 on the singular values' current interval [l, u] (at least cushion * u wide), recentred on
-    1 and, but for the last, damped by `safety` against bf16 round-off. Five steps lift values from 0.001 (those
-    are nanochat's coefficients); each step fewer starts 3.5x higher (a middle step lifts small values ~4x), so a
-    short schedule is a coarser orthogonalisation, never a truncated long one.
-    """
+    """Polar Express (Amsel et al. 2025) for `steps` iterations: greedily the odd quintic nearest to 1 on the
+    singular values' interval [l, u], recentred, all but the last damped by `safety` against bf16 round-off. Five
+    steps start from l = 0.001 (nanochat's coefficients); each step fewer from 3.5x higher (a middle step lifts small
+    values ~4x): a shorter schedule is coarser, never truncated."""
     l, u, coefficients = floor * 3.5 ** max(0, 5 - steps), 1.0, []
     for i in range(steps):
         a, b, c = best_odd_quintic(max(l, cushion * u), u)
@@ -576,9 +569,8 @@ class DeepNestedOptimizer(MuonAdamW):
                 1 - cos(direction_t, g_{t+1}), both every controller_update_freq steps.
       explicit: meta_update(), which the training loop calls every meta_update_freq steps, differentiates the
                 loss on a held-out batch through k_unroll update steps.
-    Non-finite gradients skip the step (counted in skipped_steps) and touch no state; a tensor whose features are
-    zero or non-finite drops out of the meta-signal alone, and a meta-step whose gradient is still non-finite is
-    counted in dropped_meta_steps.
+    Non-finite gradients skip the step (skipped_steps), touching no state; a tensor with zero or non-finite features
+    drops out of the meta-signal alone; a meta-step whose gradient is still non-finite counts in dropped_meta_steps.
     """
     horizon_range = math.log(2)  # the learned momentum halves or doubles the base momentum's horizon at most
     cms_max_weight = 0.5         # largest |weight| of a slower CMS level in the momentum mix
@@ -605,8 +597,7 @@ class DeepNestedOptimizer(MuonAdamW):
             g["role"] = HIDDEN if g["kind"] == "muon" or g.get("matrix") else OTHER
         super().__init__(groups)
         self.model, self.mode, self.max_grad_norm, self.meta_grad_clip = model, mode, max_grad_norm, DN_META_GRAD_CLIP
-        self.meta_update_freq, self.k_unroll = meta_update_freq, k_unroll
-        self.controller_update_freq = controller_update_freq
+        self.meta_update_freq, self.k_unroll, self.controller_update_freq = meta_update_freq, k_unroll, controller_update_freq
         self.log_min, self.log_max = math.log(min_lr_mult), math.log(max_lr_mult)
         self.cms_frequencies = tuple(f for f in cms_frequencies if f > 1) if use_cms_updates else ()
         muon = [g for g in self.param_groups if g["kind"] == "muon"]
