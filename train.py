@@ -737,6 +737,16 @@ class DeepNestedOptimizer(MuonAdamW):
             (controller_loss + self._prediction_loss(rec, g[:self.n_hidden_samples])).backward()
         self._meta_step()
 
+    @torch.no_grad()
+    def _update_meta_components(self, loss=None):
+        """The seed's manual meta-update (simple mode): learn now from the gradients in .grad, the signal for the
+        last refresh, which step() then does not learn from again. `loss` is accepted for the seed's signature."""
+        if self.mode != "simple":
+            raise ValueError("explicit mode's meta-update needs batches: call meta_update(train_batches, meta_batch).")
+        if self.pending:
+            self._learn(self._gather([p.grad for p in self.tensors]))
+            self.pending = False
+
     def _meta_step(self):
         params = [p for group in self.meta_optimizer.param_groups for p in group["params"]]
         if torch.isfinite(torch.nn.utils.clip_grad_norm_(params, self.meta_grad_clip)):

@@ -137,3 +137,20 @@ def test_the_seeds_arguments_are_accepted_and_defaults_come_from_the_dn_constant
     assert default.meta_optimizer.param_groups[0]["lr"] == train.DN_META_LR
     assert (default.mode, default.k_unroll, default.max_grad_norm) == (train.DN_MODE, train.DN_K_UNROLL,
                                                                        train.DN_MAX_GRAD_NORM)
+
+
+def test_update_meta_components_runs_one_meta_step_by_hand():
+    torch.manual_seed(0)
+    model = Regression()
+    optimizer = fit(model, 2, base_lr=1e-3)
+    bias = optimizer.controller.layers[-1].bias.detach().clone()
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    loss = model(x, y)
+    loss.backward()
+    optimizer._update_meta_components(loss.item())
+    assert (optimizer.controller.layers[-1].bias - bias).abs().max() > 0 and not optimizer.pending
+    moved = optimizer.controller.layers[-1].bias.detach().clone()
+    optimizer._update_meta_components(loss.item())  # nothing left to learn from until the next refresh
+    assert torch.equal(optimizer.controller.layers[-1].bias, moved)
+    with pytest.raises(ValueError, match="meta_update"):
+        train.DeepNestedOptimizer(Regression(), mode="explicit")._update_meta_components(1.0)
