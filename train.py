@@ -77,6 +77,9 @@ DN_CMS_FREQUENCIES = (1, 10, 100)  # ... updated every this many steps (1: the o
 DN_META_UPDATE_FREQ = 50       # explicit mode: steps between meta-updates ...
 DN_K_UNROLL = 3                # ... each differentiating this many update steps
 DN_META_ROWS = {"gpu": 16, "cpu": 4}[PRESET]  # rows of each batch in a meta-update (double backward is memory-hungry)
+DN_MAX_GRAD_NORM = 0.0         # clip the model's gradient norm to this before the update (0: off; the seed's 1.0)
+DN_SAMPLE_SIZE = 4096          # entries per tensor sampled for the meta-features and signals
+DN_META_GRAD_CLIP = 1.0        # the meta-gradient's norm is clipped to this
 
 # Run
 SEED = int(os.environ.get("AUTORESEARCH_SEED", "42"))
@@ -291,28 +294,47 @@ class GPT(nn.Module):
 # Optimizer: MuonAdamW
 # ---------------------------------------------------------------------------
 
-# Polar Express coefficients (Amsel et al. 2025) for the first five iterations, tuned as a sequence;
-# later iterations use the quintic Newton-Schulz map with fixed point 1 and zero slope there, so they
-# keep converging instead of repeating a tuned step (MUON_NS_STEPS = 7 really runs 7 iterations).
-POLAR_EXPRESS = [
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-]
-NEWTON_SCHULZ = (1.875, -1.25, 0.375)
+def best_odd_quintic(l, u):
+    """The odd quintic a x + b x^3 + c x^5 nearest to 1 on [l, u] in the max norm (Remez exchange)."""
+    if l / u > 1 - 5e-6:
+        return 15 / 8 / u, -10 / 8 / u**3, 3 / 8 / u**5  # the equioscillating quintic's limit as l -> u
+    q, r = (3 * l + u) / 4, (l + 3 * u) / 4
+    for _ in range(30):  # converged to float64 within ~10 exchanges
+        rows = torch.tensor([[x, x**3, x**5, (-1.0) ** i] for i, x in enumerate((l, q, r, u))], dtype=torch.float64)
+        a, b, c, _ = torch.linalg.solve(rows, torch.ones(4, dtype=torch.float64)).tolist()
+        root = math.sqrt(9 * b * b - 20 * a * c)  # the error's interior extremes: roots of a + 3b x^2 + 5c x^4
+        q, r = math.sqrt((-3 * b - root) / (10 * c)), math.sqrt((-3 * b + root) / (10 * c))
+    return a, b, c
+
+
+def polar_express(steps, floor=1e-3, safety=0.02, cushion=0.02):
+    """Polar Express (Amsel et al. 2025) for `steps` iterations: greedily the odd quintic nearest to 1 on the
+    singular values' interval [l, u], recentred, all but the last damped by `safety` against bf16 round-off. Five
+    steps start from l = 0.001 (nanochat's coefficients); each step fewer from 3.5x higher (a middle step lifts small
+    values ~4x): a shorter schedule is coarser, never truncated."""
+    l, u, coefficients = floor * 3.5 ** max(0, 5 - steps), 1.0, []
+    for i in range(steps):
+        a, b, c = best_odd_quintic(max(l, cushion * u), u)
+        scale = 2 / (a * (l + u) + b * (l**3 + u**3) + c * (l**5 + u**5))
+        damp = 1 + safety if i < steps - 1 else 1.0
+        a, b, c = a * scale / damp, b * scale / damp**3, c * scale / damp**5
+        coefficients.append((a, b, c))
+        l = a * l + b * l**3 + c * l**5
+        u = 2 - l
+    return coefficients
+
+
+POLAR_EXPRESS = {steps: polar_express(steps) for steps in range(1, 17)}  # MUON_NS_STEPS -> its schedule
 
 
 def orthogonalize(G, steps):
-    """Approximate the polar factor U V^T of each matrix in G (..., m, n); bf16 on CUDA."""
+    """Approximate the polar factor U V^T of each matrix in G (..., m, n) in `steps` iterations; bf16 on CUDA."""
     X = G.bfloat16() if G.is_cuda else G.float()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT  # iterate on the smaller Gram matrix
-    for i in range(steps):
-        a, b, c = POLAR_EXPRESS[i] if i < len(POLAR_EXPRESS) else NEWTON_SCHULZ
+    for a, b, c in POLAR_EXPRESS[steps]:
         A = X @ X.mT
         X = a * X + (b * A + c * (A @ A)) @ X
     return X.mT if tall else X
@@ -443,13 +465,7 @@ def build_optimizer(model):
     if OPTIMIZER == "muon":
         return MuonAdamW(param_groups(model))
     if OPTIMIZER == "deepnested":
-        return DeepNestedOptimizer(
-            model, param_groups=param_groups(model), mode=DN_MODE, meta_lr=DN_META_LR,
-            controller_hidden_dim=DN_CONTROLLER_HIDDEN_DIM, controller_num_layers=DN_CONTROLLER_NUM_LAYERS,
-            momentum_hidden_dim=DN_MOMENTUM_HIDDEN_DIM, momentum_num_layers=DN_MOMENTUM_NUM_LAYERS,
-            min_lr_mult=DN_MIN_LR_MULT, max_lr_mult=DN_MAX_LR_MULT, controller_update_freq=DN_CONTROLLER_UPDATE_FREQ,
-            use_preprocessing=DN_USE_PREPROCESSING, use_cms_updates=DN_USE_CMS, cms_frequencies=DN_CMS_FREQUENCIES,
-            meta_update_freq=DN_META_UPDATE_FREQ, k_unroll=DN_K_UNROLL)
+        return DeepNestedOptimizer(model, param_groups=param_groups(model))  # every other setting: the DN_* constants
     raise ValueError(f"OPTIMIZER must be 'muon' or 'deepnested', got {OPTIMIZER!r}")
 
 # ---------------------------------------------------------------------------
@@ -488,7 +504,10 @@ def log_ratio(a, b):
 
 
 def cosine(dot, sq_a, sq_b):
-    return dot / (sq_a * sq_b).sqrt().clamp_min(1e-30)
+    """dot / (|a| |b|); 0 where a or b is zero or non-finite, with a finite derivative (sqrt has none at 0)."""
+    sq = sq_a * sq_b
+    valid = (sq > 0) & sq.isfinite() & dot.isfinite()
+    return torch.where(valid, dot.where(valid, 0.0) / sq.where(valid, 1.0).sqrt(), 0.0)
 
 
 @contextlib.contextmanager
@@ -544,33 +563,41 @@ class DeepNestedOptimizer(MuonAdamW):
     matrices; the rest) to an LR multiplier in [min_lr_mult, max_lr_mult]; a momentum network maps those of each
     Muon matrix to its momentum decay, its Nesterov mix and (CMS) the weights of slower momentum levels. Both
     last layers start at zero, so until they learn, the update is MuonAdamW's. Their signals come from a fixed
-    random sample of sample_size entries per tensor, which is all that is stored of gradients and updates.
+    random sample of DN_SAMPLE_SIZE entries per tensor, which is all that is stored of gradients and updates.
       simple:   the hypergradient d loss_{t+1} / d log m_t = -lr g_{t+1}.u_t, normalised to -cos(g_{t+1}, u_t),
                 trains the controller; the momentum network learns to predict the next gradient,
                 1 - cos(direction_t, g_{t+1}), both every controller_update_freq steps.
       explicit: meta_update(), which the training loop calls every meta_update_freq steps, differentiates the
                 loss on a held-out batch through k_unroll update steps.
-    Non-finite gradients skip the step (counted in skipped_steps) and touch no state.
+    Non-finite gradients skip the step (skipped_steps), touching no state; a tensor with zero or non-finite features
+    drops out of the meta-signal alone; a meta-step whose gradient is still non-finite counts in dropped_meta_steps.
     """
     horizon_range = math.log(2)  # the learned momentum halves or doubles the base momentum's horizon at most
     cms_max_weight = 0.5         # largest |weight| of a slower CMS level in the momentum mix
 
-    def __init__(self, model, base_lr=3e-4, meta_lr=1e-3, momentum_hidden_dim=64, momentum_num_layers=2,
-                 controller_hidden_dim=32, controller_num_layers=2, mode="simple", use_cms_updates=False,
-                 cms_frequencies=(1, 10, 100), use_preprocessing=True, weight_decay=0.01, max_grad_norm=0.0,
-                 meta_update_freq=50, k_unroll=3, min_lr_mult=0.1, max_lr_mult=2.0, controller_update_freq=1,
-                 use_compile=False, param_groups=None, sample_size=4096, meta_grad_clip=1.0):
+    def __init__(self, model, base_lr=3e-4, meta_lr=DN_META_LR, momentum_hidden_dim=DN_MOMENTUM_HIDDEN_DIM,
+                 momentum_num_layers=DN_MOMENTUM_NUM_LAYERS, controller_hidden_dim=DN_CONTROLLER_HIDDEN_DIM,
+                 controller_num_layers=DN_CONTROLLER_NUM_LAYERS, mode=DN_MODE, use_cms_updates=DN_USE_CMS,
+                 cms_frequencies=DN_CMS_FREQUENCIES, use_preprocessing=DN_USE_PREPROCESSING, weight_decay=WEIGHT_DECAY,
+                 max_grad_norm=DN_MAX_GRAD_NORM, meta_update_freq=DN_META_UPDATE_FREQ, k_unroll=DN_K_UNROLL,
+                 min_lr_mult=DN_MIN_LR_MULT, max_lr_mult=DN_MAX_LR_MULT, controller_update_freq=DN_CONTROLLER_UPDATE_FREQ,
+                 use_compile=False, use_cuda_graph=False, cuda_graph_warmup_steps=3, param_groups=None):
+        if mode == "implicit":
+            raise ValueError("mode='implicit' (implicit-function hypergradients) is not built here; use "
+                             "mode='explicit' for unrolled meta-gradients or mode='simple' for one-step hypergradients.")
         if mode not in ("simple", "explicit"):
             raise ValueError(f"mode must be 'simple' or 'explicit', got {mode!r}")
+        if use_cuda_graph:
+            raise ValueError("use_cuda_graph is not built here (the learned step reads its multipliers on the host); "
+                             "use use_compile=True for fused kernels instead.")
         groups = role_param_groups(model, base_lr, weight_decay) if param_groups is None else param_groups
         for g in groups:
             g.setdefault("lr", base_lr)
             g.setdefault("initial_lr", g["lr"])
             g["role"] = HIDDEN if g["kind"] == "muon" or g.get("matrix") else OTHER
         super().__init__(groups)
-        self.model, self.mode, self.max_grad_norm, self.meta_grad_clip = model, mode, max_grad_norm, meta_grad_clip
-        self.meta_update_freq, self.k_unroll = meta_update_freq, k_unroll
-        self.controller_update_freq = controller_update_freq
+        self.model, self.mode, self.max_grad_norm, self.meta_grad_clip = model, mode, max_grad_norm, DN_META_GRAD_CLIP
+        self.meta_update_freq, self.k_unroll, self.controller_update_freq = meta_update_freq, k_unroll, controller_update_freq
         self.log_min, self.log_max = math.log(min_lr_mult), math.log(max_lr_mult)
         self.cms_frequencies = tuple(f for f in cms_frequencies if f > 1) if use_cms_updates else ()
         muon = [g for g in self.param_groups if g["kind"] == "muon"]
@@ -581,7 +608,7 @@ class DeepNestedOptimizer(MuonAdamW):
             g["hidden_slice"] = slice(self.n_hidden, self.n_hidden + len(g["params"]))
             self.n_hidden += len(g["params"])
         device, generator = self.tensors[0].device, torch.Generator().manual_seed(0)
-        self.sample_idx = [torch.randperm(p.numel(), generator=generator)[:sample_size].sort().values
+        self.sample_idx = [torch.randperm(p.numel(), generator=generator)[:DN_SAMPLE_SIZE].sort().values
                            .to(p.device, torch.int32) for p in self.tensors]
         self.sizes = torch.tensor([len(i) for i in self.sample_idx], device=device)
         self.n_hidden_samples = sum(len(i) for i in self.sample_idx[:self.n_hidden])
@@ -597,7 +624,7 @@ class DeepNestedOptimizer(MuonAdamW):
         self.meta_optimizer = torch.optim.Adam([*self.controller.parameters(), *self.momentum_net.parameters()],
                                                lr=meta_lr, foreach=True)
         self.ema_grad, self.ema_loss = None, torch.tensor(float("nan"), device=device)
-        self.record, self.pending, self.dn_step, self.skipped_steps = None, False, 0, 0
+        self.record, self.pending, self.dn_step, self.skipped_steps, self.dropped_meta_steps = None, False, 0, 0, 0
         self.multipliers = [1.0, 1.0]
         self.shift = self.cms_weights = None
 
@@ -605,8 +632,9 @@ class DeepNestedOptimizer(MuonAdamW):
 
     def _gather(self, tensors):
         """The sampled entries of tensors aligned with self.tensors (None: zeros), as one fp32 vector."""
-        return torch.cat([t.reshape(-1).index_select(0, i).float() if t is not None else
-                          torch.zeros(len(i), device=i.device) for t, i in zip(tensors, self.sample_idx)])
+        return torch.cat([torch.zeros(0, device=self.sizes.device)] + [
+            t.reshape(-1).index_select(0, i).float() if t is not None else torch.zeros(len(i), device=i.device)
+            for t, i in zip(tensors, self.sample_idx)])
 
     def _hidden_state(self, key):
         """Each Muon matrix's slice of its group's stacked state tensor `key` (None where there is none yet)."""
@@ -619,6 +647,8 @@ class DeepNestedOptimizer(MuonAdamW):
 
     def _per_tensor(self, x, n):
         """Sums of the sampled products x (samples, k) per tensor, for the first n tensors."""
+        if n == 0:  # no Muon matrices (MATRIX_OPTIMIZER = "adamw")
+            return x.new_zeros(0, x.size(1))
         return torch.segment_reduce(x, "sum", lengths=self.sizes[:n], axis=0)
 
     def _per_role(self, sums):
@@ -707,10 +737,22 @@ class DeepNestedOptimizer(MuonAdamW):
             (controller_loss + self._prediction_loss(rec, g[:self.n_hidden_samples])).backward()
         self._meta_step()
 
+    @torch.no_grad()
+    def _update_meta_components(self, loss=None):
+        """The seed's manual meta-update (simple mode): learn now from the gradients in .grad, the signal for the
+        last refresh, which step() then does not learn from again. `loss` is accepted for the seed's signature."""
+        if self.mode != "simple":
+            raise ValueError("explicit mode's meta-update needs batches: call meta_update(train_batches, meta_batch).")
+        if self.pending:
+            self._learn(self._gather([p.grad for p in self.tensors]))
+            self.pending = False
+
     def _meta_step(self):
         params = [p for group in self.meta_optimizer.param_groups for p in group["params"]]
         if torch.isfinite(torch.nn.utils.clip_grad_norm_(params, self.meta_grad_clip)):
             self.meta_optimizer.step()
+        else:
+            self.dropped_meta_steps += 1
         self.meta_optimizer.zero_grad(set_to_none=True)
 
     # -- the update --------------------------------------------------------------------------------------------
@@ -791,7 +833,9 @@ class DeepNestedOptimizer(MuonAdamW):
         """
         One meta-step of both networks: from the current weights (left unchanged), k_unroll differentiable
         updates on the last train batches, then the loss on meta_batch (held out from training), differentiated
-        back to the controller and the momentum network. A batch is a tuple of the model's arguments;
+        back to the controller and the momentum network: through every update, and through the gradient of the
+        last one only (earlier gradients count as constants, first-order), so its memory is one double backward
+        on DN_META_ROWS rows whatever k_unroll is. A batch is a tuple of the model's arguments;
         loss_fn(output, batch) makes the loss of the output (default: the output is the loss). Returns it.
         """
         if self.record is None:
@@ -813,9 +857,12 @@ class DeepNestedOptimizer(MuonAdamW):
                 mult = self._log_multipliers(rec["x"]).exp()
                 shift, w = self._momentum_corrections(rec["y"])
             inner = [self._unroll_state(g) for g in self.param_groups]
-            for batch in list(train_batches)[-self.k_unroll:]:
-                grads = dict(zip(keys, torch.autograd.grad(loss_at(theta, batch), [theta[k] for k in keys],
-                                                           create_graph=True, allow_unused=True)))
+            batches = list(train_batches)[-self.k_unroll:]
+            for j, batch in enumerate(batches):
+                last = j == len(batches) - 1  # only the last step's Hessian term is kept: one double backward
+                at = theta if last else {k: v.detach().requires_grad_(v.requires_grad) for k, v in theta.items()}
+                grads = dict(zip(keys, torch.autograd.grad(loss_at(at, batch), [at[k] for k in keys],
+                                                           create_graph=last, allow_unused=True)))
                 theta = dict(theta)
                 for g, ks, s in zip(self.param_groups, groups, inner):
                     new = self._unrolled_update(g, [theta[k] for k in ks], [grads[k] for k in ks], s,
@@ -868,8 +915,8 @@ class DeepNestedOptimizer(MuonAdamW):
     # -- reports -----------------------------------------------------------------------------------------------
 
     def get_lr_multipliers(self):
-        """The current LR multiplier of each role: hidden matrices, then the rest."""
-        return torch.tensor(self.multipliers)
+        """The current LR multiplier of each parameter group (one per role, shared by the role's groups)."""
+        return torch.tensor([self.multipliers[g["role"]] for g in self.param_groups])
 
     def get_momentum_stats(self):
         """Norms of the momentum (Muon buffers, AdamW first moments) per group and in total, and the learned
@@ -1050,7 +1097,7 @@ def main():
     )
     if OPTIMIZER == "deepnested":
         summary.update(dn_lr_multipliers=",".join(f"{m:.4f}" for m in optimizer.get_lr_multipliers().tolist()),
-                       dn_skipped_steps=optimizer.skipped_steps)
+                       dn_skipped_steps=optimizer.skipped_steps, dn_dropped_meta_steps=optimizer.dropped_meta_steps)
     print("---")
     width = max(len(key) for key in summary) + 2
     for key, value in summary.items():

@@ -54,18 +54,9 @@ def test_orthogonalize_converges_to_the_svd_polar_factor(shape):
     assert errors[7] < errors[5] < errors[3], errors
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_seven_steps_are_five_polar_express_steps_then_two_newton_schulz_steps(shape):
-    G = random_matrix(*shape)
-    tall = shape[-2] > shape[-1]
-    X = train.orthogonalize(G, 5).mT if tall else train.orthogonalize(G, 5)
-    a, b, c = train.NEWTON_SCHULZ
-    for _ in range(2):
-        A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
-    X = X.mT if tall else X
+def test_seven_steps_run_a_schedule_of_their_own():
+    G = random_matrix(96, 32)
     seven = train.orthogonalize(G, 7)
-    torch.testing.assert_close(seven, X, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(seven, train.orthogonalize(G, 6), atol=1e-4)
     assert not torch.allclose(seven, train.orthogonalize(G, 5), atol=1e-4)
 
