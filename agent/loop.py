@@ -38,7 +38,7 @@ from agent.guard import Guard  # noqa: E402
 from agent.judge import JUDGES, NoiseFloor, Verdict, noise_floor  # noqa: E402
 from agent.ledger import Ledger  # noqa: E402
 from agent.limits import BacklogExhausted, Limits  # noqa: E402
-from agent.proposer import BacklogProposer, Proposal, Proposer, ProposerState, Skip  # noqa: E402
+from agent.proposer import BacklogProposer, Proposal, Proposer, ProposerState, Skip, usage_columns  # noqa: E402
 from agent.runner import RunOutcome, default_timeout, kill_stale, run_training, training_env  # noqa: E402
 from agent.stops import LoopStop, UserError  # noqa: E402
 from agent.view import View, make_view  # noqa: E402
@@ -280,7 +280,7 @@ class Loop:
             return
         if isinstance(result, Skip):
             self.record(dict(commit="", experiment=result.experiment, status="invalid", description="not run",
-                             reason=result.reason, parent=self.best_commit[:7], **usage_columns(proposer)))
+                             reason=result.reason, parent=self.best_commit[:7], **usage_columns(result)))
             self.done.add(result.experiment)
             ran = False
         else:
@@ -294,7 +294,7 @@ class Loop:
         n = len(self.rows()) + 1
         name = f"{n:03d}-{proposal.experiment}"
         base = dict(experiment=proposal.experiment, description=proposal.description, parent=parent[:7],
-                    seed=self.config.seed, **usage_columns(proposer))
+                    seed=self.config.seed, **usage_columns(proposal))
         problem = syntax_problem(proposal.train_py)
         if problem or proposal.train_py == state.train_py:
             self.record(dict(base, commit="", status="invalid", reason=problem or "the proposal leaves train.py unchanged"))
@@ -329,9 +329,11 @@ class Loop:
         """The first run, and while it crashes, the proposer's repairs of its own edit (amending the commit)."""
         run = self.train(name, proposal.description, self.config.seed)
         attempts = reruns = 0  # repair conversations, and the runs of what they repaired
-        while run.outcome.status == "crash" and attempts < self.config.repair_attempts and hasattr(proposer, "repair"):
+        while run.outcome.status == "crash" and attempts < self.config.repair_attempts:
+            fixed = proposer.repair(state, proposal, run.outcome.tail, attempts + 1)
+            if fixed is None:  # this proposer cannot repair
+                break
             attempts += 1
-            fixed = proposer.repair(state, proposal, run.outcome.tail, attempts)
             if not isinstance(fixed, Proposal) or syntax_problem(fixed.train_py) or self.guard.check_source(fixed.train_py):
                 break
             self.branch.keep_ref(sha, f"{name}-attempt{attempts}")
@@ -407,11 +409,6 @@ def syntax_problem(source: str) -> str | None:
     except SyntaxError as e:
         return f"the proposed train.py does not parse: line {e.lineno}: {e.msg}"
     return None
-
-
-def usage_columns(proposer: object) -> dict[str, object]:
-    usage = getattr(proposer, "last_usage", None) or {}
-    return {key: usage.get(key) for key in ("input_tokens", "cached_tokens", "output_tokens", "cost_usd")}
 
 
 def make_proposer(config: LoopConfig) -> Proposer:
