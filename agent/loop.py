@@ -33,7 +33,7 @@ from pydantic import ValidationError  # noqa: E402
 from agent.backlog import BacklogItem, load_backlog  # noqa: E402
 from agent.branch import ExperimentBranch, require_clean  # noqa: E402
 from agent.config import DEMO_BUDGET, DEMO_EXPERIMENTS, LoopConfig, default_tag  # noqa: E402
-from agent.github_backlog import fetch_issue_backlog  # noqa: E402
+from agent.github_backlog import backlog_file  # noqa: E402
 from agent.guard import Guard  # noqa: E402
 from agent.judge import JUDGES, NoiseFloor, Verdict, noise_floor  # noqa: E402
 from agent.ledger import Ledger  # noqa: E402
@@ -456,19 +456,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--timeout", type=float, help="seconds before a run is killed (default 2.5 x budget + startup)")
     p.add_argument("--model", help="Claude model (default: AUTORESEARCH_MODEL or the proposer's default)")
-    p.add_argument("--max-cost", type=float, help="USD the Claude proposer may spend in this run")
+    p.add_argument("--max-cost", type=float, help="USD the Claude proposer may spend on this tag, counting earlier "
+                                                  "invocations of the same tag (default: no cap)")
     p.add_argument("--prices", type=Path, help="JSON of per-model prices in USD per million tokens")
     p.add_argument("--demo", action="store_true", help="offline demo: cpu preset, builtin data, backlog proposer, short runs")
     return p.parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> LoopConfig:
-    backlog = args.backlog
-    if args.backlog_issue:
-        fetched = fetch_issue_backlog(args.backlog_issue, api_url=args.github_api_url)
-        if fetched.note:
-            print(f"loop: {fetched.note}", file=sys.stderr)
-        backlog = fetched.path
+    backlog = backlog_file(args.backlog, args.backlog_issue, args.github_api_url, "loop")
     preset = args.preset
     if preset is None:
         preset = "cpu" if args.demo else os.environ.get("AUTORESEARCH_PRESET") or _detect_preset()
