@@ -45,7 +45,6 @@ TOOLS = [
     },
 ]
 
-RETRIED_STATUSES = frozenset({408, 409, 429, *range(500, 600)})  # transient: the same request after a backoff step
 _EPHEMERAL = {"type": "ephemeral"}
 _LOG_TAIL_LINES = 80
 _LOG_TAIL_CHARS = 8_000
@@ -80,10 +79,13 @@ class ProposerUnavailable(LoopStop):
 
 
 class RequestRejected(Exception):
-    """A request the API refused for this experiment only (a 4xx not in STOPPING_STATUSES); the message is the Skip reason."""
+    """A request the API refused for this experiment only; the message is the Skip reason."""
 
 
-# A status that no later request can fix stops the loop with its sentence; any other 4xx skips the experiment.
+# What a failed request means, by HTTP status. Retried (and so is a failed connection): the same request
+# again after the SDK's own retries, once per backoff step. Stopping: no later request can succeed, so the
+# loop stops with the sentence. Any other status: the API refused this experiment's request; it is skipped.
+RETRIED_STATUSES = frozenset({408, 409, 429, *range(500, 600)})
 STOPPING_STATUSES: dict[int, tuple[type[Exception], str]] = {
     401: (ProposerAuthError, "the Anthropic API rejected the API key ({status} {kind}); check ANTHROPIC_API_KEY, "
                              "then run again with the same tag."),
