@@ -13,7 +13,7 @@ import torch
 
 from conftest import REPO_ROOT
 
-OWN_BENCHES = ["loop_overhead", "guard_cost", "throughput"]
+BENCHES = ["loop_overhead", "guard_cost", "throughput"]  # the Python benches this file smoke-tests
 
 
 def values(stdout: str) -> dict[str, str]:
@@ -28,7 +28,7 @@ def numbers(found: dict[str, str], *keys: str) -> list[float]:
     return result
 
 
-@pytest.mark.parametrize("bench", OWN_BENCHES)
+@pytest.mark.parametrize("bench", BENCHES)
 def test_a_bench_runs_as_a_module_and_explains_itself(bench, run_python):
     result = run_python("-m", f"bench.{bench}", "--help", timeout=120)
     assert result.returncode == 0, result.stderr
