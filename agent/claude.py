@@ -2,25 +2,25 @@
 
 program.md is the system prompt; the first user message holds train.py (the cached prefix) and the
 state of the run. The model reads project files and edits train.py through Anthropic's text editor
-tool, run here against an in-memory copy (nothing on disk is written: the loop commits the result),
-and ends by calling `finish` with a one-line description. Tokens and dollars are summed per
-proposal and charged to a CostBudget that caps the whole run.
+tool (agent/editor_tool.py, run against an in-memory copy: the loop commits the result), and ends by
+calling `finish` with a one-line description. Every Proposal or Skip carries the tokens and dollars
+of its conversation; each request is charged to the tag's CostBudget (--max-cost) before the next.
 """
 
 from __future__ import annotations
 
 import ast
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from http import HTTPStatus
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import anthropic
-from anthropic.types import Message, Usage
+from anthropic.types import Message
 
+from agent.cost import CostBudget, PriceTable, TokenUsage
+from agent.editor_tool import EditorSession, lines_of, numbered
 from agent.proposer import DESCRIPTION_MAX_CHARS, Proposal, ProposerState, Skip
 from agent.stops import LoopStop, UserError
 
@@ -46,11 +46,8 @@ TOOLS = [
 ]
 
 _EPHEMERAL = {"type": "ephemeral"}
-_VIEW_MAX_CHARS = 60_000
 _LOG_TAIL_LINES = 80
 _LOG_TAIL_CHARS = 8_000
-_SNIPPET_CONTEXT = 3
-_RATE_KEYS = ("input", "output", "cache_write", "cache_read")
 _LEDGER_COLUMNS = ("experiment", "status", "val_bpb", "description", "reason")
 _NUDGE = (
     "Call finish with a one-line description when train.py holds the experiment; make the edit first if it does not."
@@ -69,20 +66,8 @@ class MissingProgram(UserError):
     """program.md, the system prompt, is not in the repository."""
 
 
-class MissingPrice(UserError):
-    """The model has no price, so its cost cannot be counted against --max-cost."""
-
-
-class PriceFileError(UserError):
-    """A price file that cannot be read as {"model": {"input": ..., "output": ...}}."""
-
-
 class UnknownModel(UserError):
     """The API answered 404 for the model."""
-
-
-class BudgetExhausted(LoopStop):
-    """The run's --max-cost is spent."""
 
 
 class ProposerAuthError(LoopStop):
@@ -93,314 +78,29 @@ class ProposerUnavailable(LoopStop):
     """The API kept failing through the SDK's retries and every backoff step."""
 
 
-class _Rejected(Exception):
-    """A request the API refused for this experiment only (a 4xx); the message is the Skip reason."""
+class RequestRejected(Exception):
+    """A request the API refused for this experiment only; the message is the Skip reason."""
 
 
-class _Refused(Exception):
-    """A tool call that cannot be carried out; the message is the error tool_result the model sees."""
-
-
-# ---------------------------------------------------------------------------
-# Prices, usage and the budget
-# ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Price:
-    """USD per million tokens of one model."""
-
-    input: float
-    output: float
-    cache_write: float
-    cache_read: float
-
-    @classmethod
-    def of(
-        cls, input: float, output: float, cache_write: float | None = None, cache_read: float | None = None
-    ) -> Price:
-        """A price whose cache rates default to 1.25x input (5-minute write) and 0.1x input (read)."""
-        return cls(
-            input=input,
-            output=output,
-            cache_write=input * 1.25 if cache_write is None else cache_write,
-            cache_read=input * 0.1 if cache_read is None else cache_read,
-        )
-
-
-# Anthropic's published rates; Opus 5.5 and Fable 5.1 read the cache for less than the usual 0.1x.
-DEFAULT_PRICES: dict[str, Price] = {
-    "claude-opus-5-5": Price.of(4.0, 20.0, cache_read=0.20),
-    "claude-sonnet-5-5": Price.of(2.0, 10.0),
-    "claude-fable-5-1": Price.of(10.0, 50.0, cache_read=0.25),
-    "claude-opus-5": Price.of(5.0, 25.0),
-    "claude-sonnet-5": Price.of(2.0, 10.0),
-    "claude-opus-4-8": Price.of(5.0, 25.0),
-    "claude-opus-4-7": Price.of(5.0, 25.0),
-    "claude-opus-4-6": Price.of(5.0, 25.0),
-    "claude-sonnet-4-6": Price.of(3.0, 15.0),
-    "claude-haiku-4-5": Price.of(1.0, 5.0),
-    "claude-haiku-4-5-20251001": Price.of(1.0, 5.0),
+# What a failed request means, by HTTP status. Retried (and so is a failed connection): the same request
+# again after the SDK's own retries, once per backoff step. Stopping: no later request can succeed, so the
+# loop stops with the sentence. Any other status: the API refused this experiment's request; it is skipped.
+RETRIED_STATUSES = frozenset({408, 409, 429, *range(500, 600)})
+STOPPING_STATUSES: dict[int, tuple[type[Exception], str]] = {
+    401: (ProposerAuthError, "the Anthropic API rejected the API key ({status} {kind}); check ANTHROPIC_API_KEY, "
+                             "then run again with the same tag."),
+    402: (ProposerAuthError, "the Anthropic API cannot bill this account ({status} {kind}); check its billing, "
+                             "then run again with the same tag."),
+    403: (ProposerAuthError, "the Anthropic API key may not use {model} ({status} {kind}); check the key's "
+                             "permissions, then run again with the same tag."),
+    404: (UnknownModel, "the Anthropic API at {base_url} answered {status} {kind} for the model '{model}'; "
+                        "pass --model with a current model such as {default_model}, or check ANTHROPIC_BASE_URL."),
 }
 
 
-class PriceTable:
-    """Per-model prices: the defaults, with a user's price file merged over them."""
-
-    def __init__(self, prices: Mapping[str, Price] | None = None):
-        self.prices = {**DEFAULT_PRICES, **(prices or {})}
-
-    @classmethod
-    def load(cls, path: str | Path) -> PriceTable:
-        """The defaults with a JSON file `{"model": {"input": 3.0, "output": 15.0}}` merged over them."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise PriceFileError(f"the price file {path} does not exist; check the path.") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise PriceFileError(
-                f"the price file {path} is not readable JSON ({error}); fix it and run again."
-            ) from None
-        if not isinstance(data, dict):
-            raise PriceFileError(
-                f"the price file {path} must map models to prices; write it like {_price_example('claude-x')}."
-            )
-        return cls({model: _price_entry(path, model, rates) for model, rates in data.items()})
-
-    def price(self, model: str) -> Price:
-        try:
-            return self.prices[model]
-        except KeyError:
-            raise MissingPrice(
-                f"there is no price for the model '{model}'; give a price file such as {_price_example(model)} "
-                "(USD per million tokens) with --prices."
-            ) from None
-
-
-def _price_entry(path: Path, model: str, rates: object) -> Price:
-    """One model's price from a price file; cache rates are optional."""
-    valid = (
-        isinstance(rates, dict)
-        and all(_is_number(rates.get(key)) for key in ("input", "output"))
-        and all(_is_number(rates[key]) for key in _RATE_KEYS[2:] if key in rates)
-    )
-    if not valid:
-        raise PriceFileError(
-            f"the price file {path} gives '{model}' no numeric input and output prices; "
-            f"write it like {_price_example(model)} (USD per million tokens)."
-        )
-    return Price.of(**{key: float(rates[key]) for key in _RATE_KEYS if key in rates})
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _price_example(model: str) -> str:
-    return json.dumps({model: {"input": 3.0, "output": 15.0}})
-
-
-@dataclass(frozen=True)
-class TokenUsage:
-    """Tokens summed over requests, split the way they are billed."""
-
-    input: int = 0  # uncached input
-    cache_write: int = 0
-    cache_read: int = 0
-    output: int = 0
-
-    @classmethod
-    def of(cls, usage: Usage) -> TokenUsage:
-        return cls(
-            input=usage.input_tokens,
-            cache_write=usage.cache_creation_input_tokens or 0,
-            cache_read=usage.cache_read_input_tokens or 0,
-            output=usage.output_tokens,
-        )
-
-    def __add__(self, other: TokenUsage) -> TokenUsage:
-        return TokenUsage(
-            self.input + other.input,
-            self.cache_write + other.cache_write,
-            self.cache_read + other.cache_read,
-            self.output + other.output,
-        )
-
-    def cost(self, price: Price) -> float:
-        return (
-            self.input * price.input
-            + self.cache_write * price.cache_write
-            + self.cache_read * price.cache_read
-            + self.output * price.output
-        ) / 1e6
-
-    def ledger(self, price: Price) -> dict[str, float]:
-        """The ledger's columns: input_tokens (cache writes included), cached_tokens, output_tokens, cost_usd."""
-        return {
-            "input_tokens": self.input + self.cache_write,
-            "cached_tokens": self.cache_read,
-            "output_tokens": self.output,
-            "cost_usd": self.cost(price),
-        }
-
-
-@dataclass
-class CostBudget:
-    """The run's cap on LLM spend in USD (--max-cost); None means no cap."""
-
-    max_usd: float | None
-    spent: float = 0.0
-
-    def charge(self, usd: float) -> None:
-        self.spent += usd
-
-    def check(self) -> None:
-        """Raise BudgetExhausted once the spend reaches the cap."""
-        if self.max_usd is not None and self.spent >= self.max_usd:
-            raise BudgetExhausted(
-                f"the --max-cost budget of ${self.max_usd:.2f} is spent (${self.spent:.2f}); "
-                "raise it to continue, the same tag resumes."
-            )
-
-
 # ---------------------------------------------------------------------------
-# The text editor tool, run against an in-memory train.py
+# The finish tool
 # ---------------------------------------------------------------------------
-
-class EditorSession:
-    """Anthropic's text editor tool over an in-memory train.py; the other project files are read-only."""
-
-    def __init__(self, train_py: str, readable: Mapping[str, Path], repo_root: Path):
-        self.train_py = train_py
-        self._readable = dict(readable)  # name the model uses -> file on disk
-        self._names = ["train.py", *self._readable]
-        self._roots = {PurePosixPath(repo_root.as_posix()), PurePosixPath(repo_root.resolve().as_posix())}
-
-    def run(self, params: object) -> tuple[str, bool]:
-        """The tool_result text of one call, and whether it is an error."""
-        try:
-            return self._dispatch(params if isinstance(params, dict) else {}), False
-        except _Refused as refusal:
-            return str(refusal), True
-
-    def _dispatch(self, params: Mapping[str, object]) -> str:
-        command = params.get("command")
-        if command == "view":
-            return self._view(params)
-        if command in ("str_replace", "insert"):
-            name = self._name(params)
-            if name != "train.py":
-                raise _Refused(f"only train.py may be edited; {name} is read-only.")
-            return self._str_replace(params) if command == "str_replace" else self._insert(params)
-        if command == "create":
-            raise _Refused("create is not allowed: an experiment changes train.py only, with str_replace or insert.")
-        if not isinstance(command, str):
-            raise _Refused("the call needs a 'command': view, str_replace or insert.")
-        raise _Refused(f"there is no command '{command}'; use view, str_replace or insert.")
-
-    def _name(self, params: Mapping[str, object]) -> str:
-        raw = params.get("path")
-        if not isinstance(raw, str) or not raw.strip():
-            raise _Refused("the call needs a 'path' relative to the repository root, such as train.py.")
-        path = PurePosixPath(raw.strip())
-        for root in self._roots:
-            if path.is_absolute() and path.is_relative_to(root):
-                path = path.relative_to(root)
-        name = str(path)
-        if name not in self._names and name != ".":
-            raise _Refused(f"{raw} is not available; the files are {', '.join(self._names)}.")
-        return name
-
-    def _text(self, name: str) -> str:
-        if name == "train.py":
-            return self.train_py
-        try:
-            return self._readable[name].read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            raise _Refused(f"{name} does not exist yet.") from None
-
-    def _view(self, params: Mapping[str, object]) -> str:
-        name = self._name(params)
-        if name == ".":
-            return "Files, relative to the repository root (only train.py is editable):\n" + "\n".join(self._names)
-        lines = _lines(self._text(name))
-        start, end = 1, len(lines)
-        view_range = params.get("view_range")
-        if view_range is not None:
-            if not (isinstance(view_range, list) and len(view_range) == 2 and all(_is_int(v) for v in view_range)):
-                raise _Refused("view_range must be two line numbers [start, end], with end -1 for the last line.")
-            start, end = view_range
-            end = len(lines) if end == -1 else end
-            if not 1 <= start <= len(lines):
-                raise _Refused(f"view_range starts at line {start}, but {name} has lines 1 to {len(lines)}.")
-            if end < start:
-                raise _Refused(f"view_range ends at line {end}, before its start {start}.")
-            if end > len(lines):
-                raise _Refused(
-                    f"view_range ends at line {end}, but {name} has lines 1 to {len(lines)}; use -1 for the last line."
-                )
-        body = _numbered(lines[start - 1:end], start) or f"{name} is empty."
-        if len(body) > _VIEW_MAX_CHARS:
-            body = body[:_VIEW_MAX_CHARS] + f"\n<clipped at {_VIEW_MAX_CHARS} characters; view a smaller view_range>"
-        return body
-
-    def _str_replace(self, params: Mapping[str, object]) -> str:
-        old, new = params.get("old_str"), params.get("new_str", "")
-        if not isinstance(old, str) or not old:
-            raise _Refused("str_replace needs a non-empty 'old_str' copied exactly from train.py.")
-        if not isinstance(new, str):
-            raise _Refused("str_replace needs 'new_str' as a string (empty to delete old_str).")
-        count = self.train_py.count(old)
-        if count == 0:
-            raise _Refused(
-                "old_str was not found in train.py; view the file and copy the text exactly, whitespace included."
-            )
-        if count > 1:
-            raise _Refused(
-                f"old_str occurs {count} times in train.py; include more surrounding lines so it is unique."
-            )
-        at = self.train_py.index(old)
-        self.train_py = self.train_py[:at] + new + self.train_py[at + len(old):]
-        first = self.train_py.count("\n", 0, at) + 1
-        return self._snippet(first, first + new.count("\n"))
-
-    def _insert(self, params: Mapping[str, object]) -> str:
-        line = params.get("insert_line")
-        text = params.get("insert_text", params.get("new_str"))  # text_editor_20250124 called it new_str
-        lines = _lines(self.train_py)
-        if not _is_int(line):
-            raise _Refused("insert needs 'insert_line', the line to insert after (0 for the top of the file).")
-        if not isinstance(text, str) or not text:
-            raise _Refused("insert needs a non-empty 'insert_text'.")
-        if not 0 <= line <= len(lines):
-            raise _Refused(
-                f"insert_line {line} is outside train.py, which has lines 1 to {len(lines)}; use 0 for the top."
-            )
-        inserted = _lines(text)
-        ends_with_newline = self.train_py.endswith("\n") or not self.train_py
-        self.train_py = "\n".join(lines[:line] + inserted + lines[line:]) + ("\n" if ends_with_newline else "")
-        return self._snippet(line + 1, line + len(inserted))
-
-    def _snippet(self, first: int, last: int) -> str:
-        lines = _lines(self.train_py)
-        start = max(1, first - _SNIPPET_CONTEXT)
-        end = min(len(lines), last + _SNIPPET_CONTEXT)
-        return f"Edited train.py; lines {start} to {end} now read:\n" + _numbered(lines[start - 1:end], start)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _lines(text: str) -> list[str]:
-    """Lines split on newlines only, so numbers match an editor's; no phantom line after a final newline."""
-    lines = text.split("\n")
-    return lines[:-1] if lines[-1] == "" else lines
-
-
-def _numbered(lines: Sequence[str], first: int) -> str:
-    return "\n".join(f"{number:6}\t{line}" for number, line in enumerate(lines, first))
-
 
 def _description(tool_input: object) -> str:
     """finish's description cut to its first non-empty line and capped; empty when there is none."""
@@ -435,18 +135,18 @@ def _finish_problem(train_py: str, start: str, description: str) -> str | None:
 def _train_py_block(train_py: str) -> dict[str, object]:
     return {
         "type": "text",
-        "text": "train.py, as `view` shows it:\n" + _numbered(_lines(train_py), 1),
+        "text": "train.py, as `view` shows it:\n" + numbered(lines_of(train_py), 1),
         "cache_control": _EPHEMERAL,
     }
 
 
-def _cell(value: object) -> str:
+def _one_line(value: object) -> str:
     return " ".join(str(value).split())
 
 
 def _ledger_tsv(rows: Sequence[Mapping[str, str]]) -> str:
     lines = ["\t".join(_LEDGER_COLUMNS)]
-    lines += ["\t".join(_cell(row.get(column, "")) for column in _LEDGER_COLUMNS) for row in rows]
+    lines += ["\t".join(_one_line(row.get(column, "")) for column in _LEDGER_COLUMNS) for row in rows]
     return "\n".join(lines)
 
 
@@ -481,6 +181,7 @@ def _edit_instructions(files: Sequence[str]) -> str:
         f"(with {EDITOR_NAME}: str_replace or insert). When train.py holds the experiment, call finish with a "
         "one-line description of the change."
     )
+
 
 
 # ---------------------------------------------------------------------------
@@ -543,15 +244,11 @@ class ClaudeProposer:
             backlog_name: backlog_path,
             "experiments.tsv": Path(ledger_path),
         }
-        self._usage = TokenUsage()
-        self.last_usage: dict[str, float] = self._usage.ledger(self._price)
 
     def propose(self, state: ProposerState) -> Proposal | Skip:
         """Implement the state's backlog item, or an idea of the model's own when the backlog is exhausted."""
         item = state.item
         parts = [_run_state(state, self.recent_rows), ""]
-        if state.crash_log:
-            parts += ["The last run crashed; the tail of its log:", _log_tail(state.crash_log), ""]
         if item is not None:
             experiment = item.id
             parts += [
@@ -590,8 +287,7 @@ class ClaudeProposer:
         return self._converse(proposal.experiment, proposal.train_py, brief)
 
     def _converse(self, experiment: str, train_py: str, brief: str) -> Proposal | Skip:
-        self._usage = TokenUsage()
-        self.last_usage = self._usage.ledger(self._price)
+        usage = TokenUsage()
         session = EditorSession(train_py, self._readable, self.repo_root)
         program = self._program_path.read_text(encoding="utf-8")
         system = [{"type": "text", "text": program, "cache_control": _EPHEMERAL}]
@@ -603,17 +299,19 @@ class ClaudeProposer:
         for _ in range(self.max_turns):
             try:
                 response = self._send(system, messages)
-            except _Rejected as rejected:
-                return Skip(experiment, str(rejected))
+            except RequestRejected as rejected:
+                return Skip(experiment, str(rejected), usage.ledger(self._price))
+            usage = usage + TokenUsage.of(response.usage)
             messages.append(response.to_param())
             calls = [block for block in response.content if block.type == "tool_use"]
             if not calls:
                 if response.stop_reason == "refusal":
-                    return Skip(experiment, "the model declined to make this change (stop_reason refusal).")
+                    reason = "the model declined to make this change (stop_reason refusal)."
+                    return Skip(experiment, reason, usage.ledger(self._price))
                 if nudged:
-                    said = _cell(" ".join(block.text for block in response.content if block.type == "text"))[:200]
+                    said = _one_line(" ".join(block.text for block in response.content if block.type == "text"))[:200]
                     reason = f"the model stopped without calling finish, even when reminded (it said: '{said}')."
-                    return Skip(experiment, reason)
+                    return Skip(experiment, reason, usage.ledger(self._price))
                 nudged, problem = True, "the model stopped without calling finish"
                 nudge = _NUDGE_MAX_TOKENS if response.stop_reason == "max_tokens" else _NUDGE
                 messages.append({"role": "user", "content": [{"type": "text", "text": nudge}]})
@@ -624,7 +322,7 @@ class ClaudeProposer:
                     description = _description(call.input)
                     text = _finish_problem(session.train_py, train_py, description)
                     if text is None:
-                        return Proposal(experiment, description, session.train_py, usage=dict(self.last_usage))
+                        return Proposal(experiment, description, session.train_py, usage.ledger(self._price))
                     is_error = True
                 elif call.name == EDITOR_NAME:
                     text, is_error = session.run(call.input)
@@ -633,12 +331,12 @@ class ClaudeProposer:
                 problem = text if is_error else problem
                 results.append({"type": "tool_result", "tool_use_id": call.id, "content": text, "is_error": is_error})
             messages.append({"role": "user", "content": results})
-        return Skip(experiment, f"no valid finish in {self.max_turns} turns (last problem: {problem.rstrip('.')}).")
+        reason = f"no valid finish in {self.max_turns} turns (last problem: {problem.rstrip('.')})."
+        return Skip(experiment, reason, usage.ledger(self._price))
 
     def _send(self, system: list[dict[str, object]], messages: list[dict[str, object]]) -> Message:
-        """One request, after the SDK's own retries and then our backoff; charged to the budget."""
-        failures = 0
-        while True:
+        """One request, after the SDK's own retries and then one more per backoff step; charged to the budget."""
+        for wait in (*self._backoff, None):
             self._budget.check()
             try:
                 response = self._client.messages.create(
@@ -649,46 +347,27 @@ class ClaudeProposer:
                     messages=_with_moving_breakpoint(messages),
                 )
             except (anthropic.APIStatusError, anthropic.APIConnectionError) as error:
-                if not _transient(error):
+                status = getattr(error, "status_code", None)  # None: the connection failed or timed out
+                if status is not None and status not in RETRIED_STATUSES:
                     raise self._refusal(error) from None
-                if failures == len(self._backoff):
+                if wait is None:
                     raise ProposerUnavailable(
                         f"the Anthropic API kept failing ({_failure_label(error)}) for "
                         f"{_duration(sum(self._backoff))}; run again later with the same tag to resume."
                     ) from None
-                time.sleep(self._backoff[failures])
-                failures += 1
+                time.sleep(wait)
                 continue
-            request = TokenUsage.of(response.usage)
-            self._budget.charge(request.cost(self._price))
-            self._usage = self._usage + request
-            self.last_usage = self._usage.ledger(self._price)
+            self._budget.charge(TokenUsage.of(response.usage).cost(self._price))
             return response
 
     def _refusal(self, error: anthropic.APIStatusError) -> Exception:
-        """The exception for a request the API refused outright: a loop stop, or a Skip reason."""
-        status, kind, message = error.status_code, *_error_details(error)
-        if status == 401:
-            return ProposerAuthError(
-                f"the Anthropic API rejected the API key ({status} {kind}); check ANTHROPIC_API_KEY, "
-                "then run again with the same tag."
-            )
-        if status == 402:
-            return ProposerAuthError(
-                f"the Anthropic API cannot bill this account ({status} {kind}); check its billing, "
-                "then run again with the same tag."
-            )
-        if status == 403:
-            return ProposerAuthError(
-                f"the Anthropic API key may not use {self.model} ({status} {kind}); check the key's permissions, "
-                "then run again with the same tag."
-            )
-        if status == 404:
-            return UnknownModel(
-                f"the Anthropic API at {self._client.base_url} answered {status} {kind} for the model '{self.model}'; "
-                f"pass --model with a current model such as {DEFAULT_MODEL}, or check ANTHROPIC_BASE_URL."
-            )
-        return _Rejected(self._redact(f"the Anthropic API rejected the request ({status} {kind}: {message})."))
+        """The exception for a request the API refused outright: a loop stop, or the reason to skip."""
+        status, (kind, message) = error.status_code, _error_details(error)
+        if status in STOPPING_STATUSES:
+            stop, sentence = STOPPING_STATUSES[status]
+            return stop(sentence.format(status=status, kind=kind, model=self.model, base_url=self._client.base_url,
+                                        default_model=DEFAULT_MODEL))
+        return RequestRejected(self._redact(f"the Anthropic API rejected the request ({status} {kind}: {message})."))
 
     def _redact(self, text: str) -> str:
         for secret in self._secrets:
@@ -704,17 +383,11 @@ def _with_moving_breakpoint(messages: list[dict[str, object]]) -> list[dict[str,
     return [*messages[:-1], {**last, "content": content}]
 
 
-def _transient(error: anthropic.APIStatusError | anthropic.APIConnectionError) -> bool:
-    if isinstance(error, anthropic.APIConnectionError):
-        return True
-    return error.status_code in (408, 409, 429) or error.status_code >= 500
-
-
 def _error_details(error: anthropic.APIStatusError) -> tuple[str, str]:
     """The API's error type and message, from the body `{"error": {"type": ..., "message": ...}}`."""
     body = error.body if isinstance(error.body, dict) else {}
     detail = body.get("error") if isinstance(body.get("error"), dict) else body
-    return str(detail.get("type") or "error"), _cell(detail.get("message") or error.message)
+    return str(detail.get("type") or "error"), _one_line(detail.get("message") or error.message)
 
 
 def _failure_label(error: anthropic.APIStatusError | anthropic.APIConnectionError) -> str:

@@ -52,7 +52,7 @@ class LoopConfig(BaseModel):
     timeout: float | None = Field(None, gt=0, description="seconds before a run is killed; None = 2.5 x budget + startup allowance")
     demo: bool = Field(False, description="offline demo: cpu preset, builtin data prepared if missing, short budget")
     model: str | None = Field(None, description="Claude model for --proposer claude (or AUTORESEARCH_MODEL)")
-    max_cost: float | None = Field(None, gt=0, description="USD the Claude proposer may spend on this tag")
+    max_cost: float | None = Field(None, gt=0, description="USD the Claude proposer may spend on this tag, counting earlier invocations of the same tag (their cost_usd in the ledger); None = no cap")
     prices: Path | None = Field(None, description="JSON file of per-model prices (USD per million tokens)")
     python: str = Field(description="the interpreter that runs prepare.py and train.py")
     resume: str | None = Field(None, description="the shell command that resumes this tag, printed when the loop "

@@ -37,14 +37,14 @@ from pydantic import ValidationError  # noqa: E402
 from agent.backlog import BacklogItem, load_backlog  # noqa: E402
 from agent.branch import ExperimentBranch, remove_tag, require_clean, tag_footprint  # noqa: E402
 from agent.config import DEMO_BACKLOG, DEMO_BUDGET, DEMO_EXPERIMENTS, DEMO_TAG, LoopConfig, default_tag  # noqa: E402
-from agent.github_backlog import fetch_issue_backlog  # noqa: E402
+from agent.github_backlog import backlog_file  # noqa: E402
 from agent.guard import Guard, gap_noise, val_test_problem  # noqa: E402
 from agent.judge import JUDGES, NoiseFloor, Verdict, noise_floor  # noqa: E402
 from agent.ledger import Ledger  # noqa: E402
 from agent.limits import BacklogExhausted, Limits  # noqa: E402
 from agent.lock import TagBusy, TagLock, busy_tags  # noqa: E402
 from agent.probe import Probe, ProbeError, Reference, contention, probe_ratio, wait_until_quiet  # noqa: E402
-from agent.proposer import BacklogProposer, Proposal, Proposer, ProposerState, Skip  # noqa: E402
+from agent.proposer import BacklogProposer, Proposal, Proposer, ProposerState, Skip, usage_columns  # noqa: E402
 from agent.runner import RunOutcome, default_timeout, kill_stale, run_training, training_env  # noqa: E402
 from agent.stops import LoopStop, UserError  # noqa: E402
 from agent.view import View, make_view  # noqa: E402
@@ -370,7 +370,7 @@ class Loop:
             return
         if isinstance(result, Skip):
             self.record(dict(commit="", experiment=result.experiment, status="invalid", description="not run",
-                             reason=result.reason, parent=self.best_commit[:7], **usage_columns(proposer)))
+                             reason=result.reason, parent=self.best_commit[:7], **usage_columns(result)))
             self.done.add(result.experiment)
             ran = False
         else:
@@ -384,7 +384,7 @@ class Loop:
         n = len(self.rows()) + 1
         name = f"{n:03d}-{proposal.experiment}"
         base = dict(experiment=proposal.experiment, description=proposal.description, parent=parent[:7],
-                    seed=self.config.seed, **usage_columns(proposer))
+                    seed=self.config.seed, **usage_columns(proposal))
         problem = syntax_problem(proposal.train_py)
         if problem or proposal.train_py == state.train_py:
             self.record(dict(base, commit="", status="invalid", reason=problem or "the proposal leaves train.py unchanged"))
@@ -424,10 +424,11 @@ class Loop:
         """The first run, and while it crashes, the proposer's repairs of its own edit (amending the commit)."""
         run = self.train(name, proposal.description, self.config.seed)
         attempts = reruns = 0  # repair conversations, and the runs of what they repaired
-        while (run.outcome.status == "crash" and not run.contended and attempts < self.config.repair_attempts
-               and hasattr(proposer, "repair")):
+        while run.outcome.status == "crash" and not run.contended and attempts < self.config.repair_attempts:
+            fixed = proposer.repair(state, proposal, run.outcome.tail, attempts + 1)
+            if fixed is None:  # this proposer cannot repair
+                break
             attempts += 1
-            fixed = proposer.repair(state, proposal, run.outcome.tail, attempts)
             if not isinstance(fixed, Proposal) or syntax_problem(fixed.train_py) or self.guard.check_source(fixed.train_py):
                 break
             self.branch.keep_ref(sha, f"{name}-attempt{attempts}")
@@ -527,11 +528,6 @@ def syntax_problem(source: str) -> str | None:
     return None
 
 
-def usage_columns(proposer: object) -> dict[str, object]:
-    usage = getattr(proposer, "last_usage", None) or {}
-    return {key: usage.get(key) for key in ("input_tokens", "cached_tokens", "output_tokens", "cost_usd")}
-
-
 def make_proposer(config: LoopConfig) -> Proposer:
     if config.proposer == "backlog" or (config.proposer == "auto" and not os.environ.get("ANTHROPIC_API_KEY")):
         return BacklogProposer()
@@ -583,7 +579,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--timeout", type=float, help="seconds before a run is killed (default 2.5 x budget + startup)")
     p.add_argument("--model", help="Claude model (default: AUTORESEARCH_MODEL or the proposer's default)")
-    p.add_argument("--max-cost", type=float, help="USD the Claude proposer may spend in this run")
+    p.add_argument("--max-cost", type=float, help="USD the Claude proposer may spend on this tag, counting earlier "
+                                                  "invocations of the same tag (default: no cap)")
     p.add_argument("--prices", type=Path, help="JSON of per-model prices in USD per million tokens")
     p.add_argument("--demo", action="store_true", help="offline demo: cpu preset, builtin data, backlog proposer, short runs")
     p.add_argument("--remove-tag", metavar="T", help="remove tag T's worktree, branch, refs and runs/T, and move its "
@@ -599,12 +596,8 @@ def resume_command(argv: list[str], args: argparse.Namespace, tag: str) -> str:
 
 
 def build_config(args: argparse.Namespace, argv: list[str] | None = None) -> LoopConfig:
-    backlog = args.backlog or REPO_ROOT / (DEMO_BACKLOG if args.demo else "agent/backlog.md")
-    if args.backlog_issue:
-        fetched = fetch_issue_backlog(args.backlog_issue, api_url=args.github_api_url)
-        if fetched.note:
-            print(f"loop: {fetched.note}", file=sys.stderr)
-        backlog = fetched.path
+    default = args.backlog or REPO_ROOT / (DEMO_BACKLOG if args.demo else "agent/backlog.md")
+    backlog = backlog_file(default, args.backlog_issue, args.github_api_url, "loop")
     preset = args.preset
     if preset is None:
         preset = "cpu" if args.demo else os.environ.get("AUTORESEARCH_PRESET") or _detect_preset()

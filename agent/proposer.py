@@ -1,7 +1,9 @@
 """The proposer protocol (state in, an edit of train.py out) and the offline backlog proposer.
 
-The backlog proposer is deterministic and needs no network: it applies the machine-readable edits
-a backlog item carries (`MUON_NS_STEPS = 3`) and leaves items without them to an LLM proposer.
+Every proposer offers `propose` and `repair`, and every result carries what it cost (`usage`), so the
+loop never asks a proposer what it can do. The backlog proposer is deterministic and needs no network:
+it applies the machine-readable edits a backlog item carries (`MUON_NS_STEPS = 3`), leaves items
+without them to an LLM proposer, and cannot repair a crash.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from agent.backlog import Assignment, BacklogItem
 from agent.train_constants import ConstantEditError, read_constant, set_constants
 
 DESCRIPTION_MAX_CHARS = 119
+USAGE_COLUMNS = ("input_tokens", "cached_tokens", "output_tokens", "cost_usd")  # the ledger's, in order
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,6 @@ class ProposerState:
     ledger_rows: list[dict[str, str]]  # this tag's ledger rows, oldest first
     item: BacklogItem | None  # the backlog item to try; None when the backlog is exhausted
     train_py: str  # train.py at the best commit
-    crash_log: str | None = None  # the tail of the last run's log when it crashed, else None
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class Proposal:
     experiment: str  # backlog ID ('MM-1') or one the proposer made up
     description: str  # one line; goes after '<ID>: ' in the commit message and into the ledger
     train_py: str
-    usage: dict[str, float] = field(default_factory=dict)  # tokens and cost, filled by LLM proposers
+    usage: dict[str, float] = field(default_factory=dict)  # USAGE_COLUMNS of the conversation; {} offline
 
 
 @dataclass(frozen=True)
@@ -46,14 +48,26 @@ class Skip:
 
     experiment: str
     reason: str
+    usage: dict[str, float] = field(default_factory=dict)  # USAGE_COLUMNS of the conversation; {} offline
 
 
 class Proposer(Protocol):
+    """What the loop calls; every implementation offers all of it."""
+
     name: str
 
     def propose(self, state: ProposerState) -> Proposal | Skip | None:
         """A proposal, a reasoned skip of the item, or None when there is nothing to propose."""
         ...
+
+    def repair(self, state: ProposerState, proposal: Proposal, crash_log: str, attempt: int) -> Proposal | Skip | None:
+        """A fix of a proposal whose run crashed (same experiment ID), a skip, or None: this proposer cannot repair."""
+        ...
+
+
+def usage_columns(result: Proposal | Skip) -> dict[str, float | None]:
+    """The ledger's usage cells of one result; empty cells for an offline proposer."""
+    return {column: result.usage.get(column) for column in USAGE_COLUMNS}
 
 
 class BacklogProposer:
@@ -80,6 +94,10 @@ class BacklogProposer:
                 "at the best commit; there is nothing to try.",
             )
         return Proposal(experiment=item.id, description=_description(item), train_py=train_py)
+
+    def repair(self, state: ProposerState, proposal: Proposal, crash_log: str, attempt: int) -> None:
+        """A constant edit that crashes is the finding; there is nothing to repair."""
+        return None
 
 
 def _same_literal(current: str, new: str) -> bool:

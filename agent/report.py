@@ -557,14 +557,9 @@ def backlog_status(items: list[BacklogItem], rows: list[dict[str, str]]) -> str:
 
 
 def _load_items(args: argparse.Namespace) -> list[BacklogItem]:
-    if args.backlog_issue:
-        from agent.github_backlog import fetch_issue_backlog
+    from agent.github_backlog import backlog_file  # requests is only needed here
 
-        fetched = fetch_issue_backlog(args.backlog_issue, api_url=args.github_api_url)
-        if fetched.note:
-            print(f"report: {fetched.note}", file=sys.stderr)
-        return load_backlog(fetched.path)
-    return load_backlog(args.backlog)
+    return load_backlog(backlog_file(args.backlog, args.backlog_issue, args.github_api_url, "report"))
 
 
 # -- command line ------------------------------------------------------------------------------

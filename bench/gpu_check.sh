@@ -4,7 +4,7 @@
 # bench's key: value lines. Needs prepared data for the gpu preset in AUTORESEARCH_CACHE; a GPU
 # machine without network can use a cache prepared elsewhere with
 #   AUTORESEARCH_PRESET=gpu python prepare.py --source builtin
-# Usage: bash bench/gpu_check.sh [seconds]
+# Usage: bash bench/gpu_check.sh [seconds]   (exits non-zero, saying why, when anything fails)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export AUTORESEARCH_PRESET=gpu
@@ -33,4 +33,4 @@ for key in val_bpb training_seconds total_seconds startup_seconds num_steps toke
   echo "| ${key} | ${value} |"
 done
 echo
-python bench/optimizer_step.py
+python -m bench.optimizer_step

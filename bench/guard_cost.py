@@ -3,8 +3,9 @@ What each check of the integrity guard costs, next to the run it guards: one rea
 then the static check, the pinned-file check, the time check and the fresh-process re-evaluation
 with the causality probe (the last only runs for would-be keeps), each timed.
 
-Usage: python bench/guard_cost.py [--budget 60] [--preset cpu]
-Needs prepared data for the preset. Prints `key: value` lines.
+Usage: python -m bench.guard_cost [--budget 60] [--preset cpu]
+Needs prepared data for the preset. Prints `key: value` lines; exits non-zero, saying why, when the
+run fails or any check refuses the repository's own train.py (an honest run must pass them all).
 """
 
 import argparse
@@ -14,12 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from agent.guard import Guard
+from agent.loop import prepared_data
+from agent.runner import default_timeout, run_training, training_env
 
-from agent.guard import Guard  # noqa: E402
-from agent.loop import prepared_data  # noqa: E402
-from agent.runner import default_timeout, run_training, training_env  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def timed(fn, *args):
@@ -28,11 +28,11 @@ def timed(fn, *args):
     return result, time.perf_counter() - t0
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--budget", type=float, default=60.0)
-    parser.add_argument("--preset", default="cpu")
-    args = parser.parse_args()
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    parser.add_argument("--budget", type=float, default=60.0, help="training seconds of the guarded run")
+    parser.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
+    args = parser.parse_args(argv)
     cache = os.environ.get("AUTORESEARCH_CACHE")
     with tempfile.TemporaryDirectory() as scratch:
         run_dir = Path(scratch) / "run"
@@ -42,7 +42,7 @@ def main():
         guard, pin_seconds = timed(lambda: Guard(REPO, REPO, files, python=sys.executable, env=env, preset=args.preset))
         outcome = run_training(REPO, env, run_dir / "train.log", default_timeout(args.budget, 300))
         if outcome.status != "ok":
-            sys.exit(f"guard_cost: the run failed: {outcome.reason}")
+            return f"guard_cost: the run failed ({outcome.reason}); read the log above it or run train.py alone."
         static, static_seconds = timed(guard.check_source, (REPO / "train.py").read_text())
         files, files_seconds = timed(guard.check_files)
         clock, time_seconds = timed(guard.check_time, outcome, args.budget)
@@ -62,7 +62,11 @@ def main():
     print(f"checks_found: {', '.join(p for p in (static, files, clock) if p) or 'nothing'}")
     print(f"every_run_overhead_fraction: {per_run / outcome.wall_seconds:.4f}")
     print(f"keep_candidate_overhead_fraction: {(per_run + verify_seconds) / outcome.wall_seconds:.4f}")
+    found = [p for p in (static, files, clock, problem) if p]
+    if found:
+        return f"guard_cost: the guard refused the repository's own train.py: {'; '.join(found)}."
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,22 +2,21 @@
 Throughput of train.py's training step against the bare forward + backward + AdamW of the same
 model, measured interleaved in one process (medians), and Muon's share of a step.
 
-Usage: AUTORESEARCH_PRESET=cpu python bench/throughput.py [--steps 5] [--rounds 5]
+Usage: AUTORESEARCH_PRESET=cpu python -m bench.throughput [--steps 5] [--rounds 5]
 Needs prepared data (python prepare.py). Prints `key: value` lines; goals:
 train_over_bare_ratio >= 0.95, muon_step_fraction_of_fwd_bwd <= 0.10.
 """
 
 import argparse
-import os
+import math
 import statistics
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
-from prepare import MAX_SEQ_LEN, PRESET, Tokenizer, make_dataloader  # noqa: E402
+import train
+from prepare import MAX_SEQ_LEN, PRESET, Tokenizer, make_dataloader
 
 
 def sync():
@@ -25,11 +24,11 @@ def sync():
         torch.cuda.synchronize()
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per timed block")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     tokenizer = Tokenizer.from_directory()
     accum = train.TOTAL_BATCH_SIZE // (train.DEVICE_BATCH_SIZE * MAX_SEQ_LEN)
     torch.manual_seed(0)
@@ -84,7 +83,9 @@ def main():
         sync()
         return time.perf_counter() - t0
 
-    train_step(0), bare_step()  # warm-up (compilation on CUDA)
+    losses = [train_step(0), bare_step()]  # warm-up (compilation on CUDA)
+    if not all(math.isfinite(loss) for loss in losses):
+        return f"throughput: the warm-up steps gave losses {losses}; the numbers would time a broken model."
     train_times, bare_times, fwd_bwd_times, muon_times = [], [], [], []
     for r in range(args.rounds):
         train_times += [timed(train_step, r * args.steps + i) for i in range(args.steps)]
@@ -105,7 +106,8 @@ def main():
     print(f"fwd_bwd_ms: {1000 * statistics.median(fwd_bwd_times):.1f}")
     print(f"muon_step_fraction_of_fwd_bwd: {statistics.median(muon_times) / statistics.median(fwd_bwd_times):.3f}")
     print(f"train_over_bare_ratio: {train_tps / bare_tps:.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

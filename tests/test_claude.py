@@ -14,17 +14,13 @@ from anthropic.types import Model
 from agent.backlog import Assignment, BacklogItem
 from agent.claude import (
     DEFAULT_MODEL,
-    BudgetExhausted,
     ClaudeProposer,
-    CostBudget,
     MissingApiKey,
-    MissingPrice,
-    PriceFileError,
-    PriceTable,
     ProposerAuthError,
     ProposerUnavailable,
     UnknownModel,
 )
+from agent.cost import BudgetExhausted, CostBudget, MissingPrice, PriceFileError, PriceTable
 from agent.proposer import Proposal, ProposerState, Skip
 from fake_anthropic import (
     EDITOR,
@@ -269,7 +265,8 @@ def test_an_unchanged_train_py_cannot_finish_and_the_turn_limit_skips(repo, fake
 
     unchanged = "train.py is unchanged; make the edit with str_replace_based_edit_tool before calling finish."
     assert result(fake_anthropic, 1) == (unchanged, True)
-    assert skip == Skip("NS-1", f"no valid finish in 3 turns (last problem: {unchanged.rstrip('.')}).")
+    assert skip == Skip("NS-1", f"no valid finish in 3 turns (last problem: {unchanged.rstrip('.')}).", skip.usage)
+    assert skip.usage["output_tokens"] == 60  # three answered requests of 20 output tokens each
     assert len(fake_anthropic.requests) == 3
 
 
@@ -324,7 +321,8 @@ def test_an_exhausted_backlog_asks_for_an_own_idea_and_a_model_that_stops_is_nud
     nudge = fake_anthropic.requests[1].body["messages"][-1]
     assert nudge["role"] == "user" and nudge["content"][0]["text"].startswith("Call finish with a one-line description")
     assert skip == Skip(
-        "C-3", "the model stopped without calling finish, even when reminded (it said: 'Still thinking about it.')."
+        "C-3", "the model stopped without calling finish, even when reminded (it said: 'Still thinking about it.').",
+        skip.usage,
     )
 
 
@@ -385,7 +383,8 @@ def test_a_bad_request_skips_the_item_with_the_apis_message_redacted(repo, fake_
     claude = proposer(repo, fake_anthropic.client(api_key=SECRET))
 
     assert claude.propose(state()) == Skip(
-        "NS-1", "the Anthropic API rejected the request (400 invalid_request_error: prompt is too long (key [redacted]))."
+        "NS-1", "the Anthropic API rejected the request (400 invalid_request_error: prompt is too long (key [redacted])).",
+        {"input_tokens": 0, "cached_tokens": 0, "output_tokens": 0, "cost_usd": 0.0},
     )
 
 
@@ -424,7 +423,6 @@ def test_usage_and_cost_are_summed_over_the_requests_and_charged(repo, fake_anth
     assert proposal.usage == pytest.approx(
         {"input_tokens": 3050, "cached_tokens": 2000, "output_tokens": 300, "cost_usd": 0.0105}
     )
-    assert claude.last_usage == proposal.usage
     assert budget.spent == pytest.approx(1.0105)
 
 
@@ -433,9 +431,10 @@ def test_a_skip_still_charges_its_cost(repo, fake_anthropic):
     budget = CostBudget(None)
     claude = proposer(repo, fake_anthropic.client(), budget=budget, max_turns=1)
 
-    assert isinstance(claude.propose(state()), Skip)
+    skip = claude.propose(state())
+    assert isinstance(skip, Skip)
     assert budget.spent == pytest.approx(0.03)  # 10k x $2 + 1k x $10 per million
-    assert claude.last_usage == pytest.approx(
+    assert skip.usage == pytest.approx(
         {"input_tokens": 10_000, "cached_tokens": 0, "output_tokens": 1_000, "cost_usd": 0.03}
     )
 

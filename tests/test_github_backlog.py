@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import prepare
 from agent.backlog import BacklogError, load_backlog
 from agent.github_backlog import (
     GitHubBacklogError,
@@ -445,15 +446,13 @@ def test_loop_reports_a_missing_issue_in_one_line_and_exit_2(github: GitHubStub,
     assert not (tmp_path / "backlogs").exists()
 
 
-def test_build_config_reads_the_backlog_from_the_issue(github: GitHubStub, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch, capsys):
-    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
+def test_build_config_reads_the_backlog_from_the_issue(github: GitHubStub, capsys):
     github.play(issue(BACKLOG), error(503, "Service Unavailable"))
     args = parse_args(["--preset", "cpu", "--backlog-issue", ISSUE, "--github-api-url", github.url])
 
     config = build_config(args)
 
-    assert config.backlog == tmp_path / "backlogs" / "127.0.0.1" / "owner" / "repo" / "7.md"
+    assert config.backlog == Path(prepare.CACHE_DIR) / "backlogs" / "127.0.0.1" / "owner" / "repo" / "7.md"
     items = load_backlog(config.backlog)
     assert [item.id for item in items] == EXPECTED_ORDER
     assert [(a.name, a.value) for a in items[0].edits] == [("MUON_NS_STEPS", "3")]

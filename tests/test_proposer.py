@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.backlog import Assignment, BacklogItem, load_backlog
-from agent.proposer import BacklogProposer, Proposal, Proposer, ProposerState, Skip
+from agent.ledger import COLUMNS
+from agent.proposer import USAGE_COLUMNS, BacklogProposer, Proposal, Proposer, ProposerState, Skip, usage_columns
 
 DEFAULT_BACKLOG = Path(__file__).resolve().parents[1] / "agent" / "backlog.md"
 
@@ -83,3 +84,19 @@ def test_a_value_already_in_place_is_skipped():
 def test_nothing_to_propose_without_an_item_or_without_edits():
     assert BacklogProposer().propose(_state(None)) is None
     assert BacklogProposer().propose(_state(_item("DN-1", "a learned optimizer"))) is None
+
+
+def test_the_backlog_proposer_offers_the_whole_protocol_and_cannot_repair():
+    item = _item("NS-1", "three", Assignment("MUON_NS_STEPS", "3"))
+    proposer: Proposer = BacklogProposer()
+    proposal = proposer.propose(_state(item))
+    assert isinstance(proposal, Proposal)
+    assert proposer.repair(_state(item), proposal, "Traceback ...", attempt=1) is None
+
+
+def test_usage_columns_are_the_ledgers_and_empty_for_an_offline_result():
+    offline = Skip("NS-1", "nothing to try")
+    assert usage_columns(offline) == dict.fromkeys(USAGE_COLUMNS)
+    priced = Skip("C-1", "declined", {"input_tokens": 10, "cached_tokens": 0, "output_tokens": 2, "cost_usd": 0.5})
+    assert list(usage_columns(priced).values()) == [10, 0, 2, 0.5]
+    assert set(USAGE_COLUMNS) <= set(COLUMNS)
