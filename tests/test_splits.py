@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 from itertools import islice
 from pathlib import Path
 
@@ -217,3 +218,20 @@ def test_the_loop_scores_test_and_refuses_a_val_gain_that_test_does_not_match(ma
         log = (project.runs / run / "verify.log").read_text()
         verified = json.loads(next(line for line in log.splitlines() if line.startswith("{")))
         assert {"val_bpb", "test_bpb", "val_seconds", "test_seconds"} <= set(verified)
+
+
+def test_train_py_that_asks_for_val_through_a_partial_with_a_computed_name_stops_at_the_loader(run_python, tmp_path,
+                                                                                               prepared_builtin):
+    """The static check would refuse this train.py before the loop runs it; run directly, the loader refuses it."""
+    from test_adversarial import VAL_COMPUTED
+    from test_guard import edited
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(REPO_ROOT / "prepare.py", work / "prepare.py")
+    (work / "train.py").write_text(edited(TRAIN_PY, VAL_COMPUTED))
+    result = run_python("train.py", cwd=work, env={"AUTORESEARCH_TIME_BUDGET": "1"})
+    assert result.returncode != 0 and "step 00000" not in result.stdout
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert last == ("ValueError: make_dataloader serves only the 'train' and 'meta' splits, not 'val'; "
+                    "val and test are read only by the fixed evaluation (evaluate).")
