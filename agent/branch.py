@@ -53,7 +53,8 @@ def _is_ref_safe(name: str) -> bool:
 def check_tag(tag: str) -> None:
     """Raise BadTag unless `tag` can name the branch autoresearch/<tag> and its refs."""
     if not tag:
-        raise BadTag("--tag is empty: give the run a name, e.g. --tag nov28 (letters, digits, '-', '_' and '.').")
+        raise BadTag("--tag is empty, and an empty tag cannot name a git branch: give the run a name, e.g. "
+                     "--tag nov28 (letters, digits, '-', '_' and '.').")
     if not _is_ref_safe(tag):
         raise BadTag(
             f"the tag {tag!r} cannot name a git branch: use letters, digits, '-', '_' and '.', "

@@ -294,11 +294,11 @@ def kill_stale(pid_file: Path) -> bool:
     except (ValueError, KeyError, TypeError):
         pid_file.unlink(missing_ok=True)
         return False
-    leader_start = _start_time(pgid)
-    if leader_start is None:
+    leader = _proc_stat(pgid) if _LINUX else None
+    if leader is None or leader[0] in ("Z", "X"):  # gone, or a zombie: its id is not free for reuse yet
         same_leader = True
     else:
-        same_leader = leader_start == record.get("start") and _command_line(pgid) == record.get("command")
+        same_leader = leader[19] == record.get("start") and _command_line(pgid) == record.get("command")
     same_run = record.get("boot") == _boot_id() and same_leader
     killed = same_run and _group_alive(pgid)
     if killed:

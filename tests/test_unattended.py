@@ -363,7 +363,7 @@ def test_remove_tag_is_refused_while_a_loop_holds_the_tag(project: Project):
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tag, phrase", [
-    ("", "--tag is empty: give the run a name"),
+    ("", "--tag is empty, and an empty tag cannot name a git branch: give the run a name"),
     ("a..b", "the tag 'a..b' cannot name a git branch"),
     ("night run", "the tag 'night run' cannot name a git branch"),
     ("x.lock", "the tag 'x.lock' cannot name a git branch"),
