@@ -116,7 +116,8 @@ def test_the_runner_sees_a_busy_run_get_less_cpu_beside_hogs(tmp_path: Path) -> 
     alone = run(workdir)
     with cpu_hogs():
         shared = run(workdir)
-    assert alone.cpu_per_second > CPU_BUSY, alone.cpu_per_second  # two busy threads: about 2 on two idle cores
+    # two busy threads: about 2 on two idle cores; far less means other sessions are busy, and this test needs them quiet
+    assert alone.cpu_per_second > CPU_BUSY, f"the machine is busy: the stand-in got {alone.cpu_per_second:.2f} CPU-s/s alone"
     assert shared.cpu_per_second < alone.cpu_per_second * (1 - CPU_TOLERANCE)
     same = ProbeResult((0.4,), None)
     reference = Reference.from_run(same, same, alone)
