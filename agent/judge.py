@@ -84,38 +84,52 @@ def judge_noise(
     lines_added: int = 0,
     lines_removed: int = 0,
     confirm_margin: float = 0.0,
+    max_runs: int = 3,
 ) -> Verdict:
-    """Keep when the mean beats best by more than max(k * sigma, min_delta), or when a simplification
-    (more lines removed than added) stays within that threshold. With confirm_margin > 0, a single run
-    whose delta is below -(1 - confirm_margin) * threshold, that is every would-be keep and the near
-    misses, asks for a confirming run; with two or more runs, sigma is the larger of the baseline's and
-    the candidate's own spread."""
+    """A sequential paired test. After n runs the bar for the mean paired delta is
+    threshold = max(k * sigma / sqrt(n), min_delta): averaging n seed-paired differences shrinks their noise
+    by sqrt(n). While fewer than max_runs runs are in, a delta past (1 + confirm_margin) x the bar is kept at
+    once, one short of (1 - confirm_margin) x the bar is discarded at once, and one in between asks for a
+    confirming run on the next seed; at max_runs, or with confirm_margin 0, the bar alone decides.
+    A simplification (more lines removed than added) within the bar is kept on one run. With two or more
+    runs, sigma is the larger of the baseline's and the spread of the candidate's own paired differences."""
     measured = _measured(values)
     if isinstance(measured, Verdict):
         return measured
-    mean, runs = measured
     delta = paired_delta(values, best)
-    shown = f"{delta:+.4f}{runs}"
+    runs = len(values)
+    paired = min(runs, len(best))
+    shown = f"{delta:+.4f}" + ("" if runs == 1 else f" (mean of {runs} runs")
+    if runs > 1:
+        shown += ")" if paired == runs else f", {paired} paired with the best's, the rest with its mean)"
 
     sigma, described = floor.sigma, floor.describe()
-    if len(values) >= 2:
-        spread = statistics.stdev(values)
+    if runs >= 2:
+        reference = statistics.fmean(best)
+        differences = [value - (best[i] if i < len(best) else reference) for i, value in enumerate(values)]
+        spread = statistics.stdev(differences)
         if sigma is None or spread > sigma:
-            sigma, described = spread, f"sigma {spread:.4f} from the candidate's {len(values)} runs, {described}"
+            sigma, described = spread, (f"sigma {spread:.4f} from the candidate's {runs} paired differences, "
+                                        f"{described}")
+    scaled = "" if runs == 1 else f"/sqrt({runs})"
     if sigma is None:
         threshold, label = min_delta, "min_delta"
         prefix, suffix = f"{described}: ", ""
     else:
-        k_sigma = k * sigma
-        threshold, label = (k_sigma, f"{k:g} sigma") if k_sigma >= min_delta else (min_delta, "min_delta")
-        above = "" if label != "min_delta" else f"min_delta above {k:g} sigma = {k_sigma:.4f}; "
+        k_sigma = k * sigma / math.sqrt(runs)
+        threshold, label = ((k_sigma, f"{k:g} sigma{scaled}") if k_sigma >= min_delta else (min_delta, "min_delta"))
+        above = "" if label != "min_delta" else f"min_delta above {k:g} sigma{scaled} = {k_sigma:.4f}; "
         prefix, suffix = "", f" ({above}{described})"
 
     simplification = lines_removed > lines_added
-    line = -(1 - confirm_margin) * threshold
-    if len(values) == 1 and confirm_margin > 0 and not simplification and delta < line:
-        return Verdict("confirm", f"{prefix}{shown} < {line:+.4f} ({1 - confirm_margin:g} x -{label}), "
-                                  f"run it once more to confirm{suffix}", delta, threshold)
+    if runs < max_runs and confirm_margin > 0 and not simplification:
+        clear, near = -(1 + confirm_margin) * threshold, -(1 - confirm_margin) * threshold
+        if delta < clear:
+            return Verdict("keep", f"{prefix}{shown} < {clear:+.4f} ({1 + confirm_margin:g} x -{label}): "
+                                   f"clear on {runs} run{'' if runs == 1 else 's'}{suffix}", delta, threshold)
+        if delta < near:
+            return Verdict("confirm", f"{prefix}{shown} < {near:+.4f} ({1 - confirm_margin:g} x -{label}), "
+                                      f"run it once more to confirm{suffix}", delta, threshold)
     if delta < -threshold:
         return Verdict("keep", f"{prefix}{shown} < -{label} = -{threshold:.4f}{suffix}", delta, threshold)
     lines = f"simplification: {lines_removed} lines removed, {lines_added} added"
