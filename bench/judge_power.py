@@ -224,14 +224,14 @@ def main() -> int:
     if args.seeds < max(2, args.baseline_repeats, args.max_runs):
         print(f"judge_power: --seeds {args.seeds} is too few: give at least 2 and at least --baseline-repeats "
               f"and --max-runs.", file=sys.stderr)
-        return 2
+        return 1
     plan = [(variant, seed) for seed in seeds for variant in [BASE, *nulls, *([args.better] if args.better else [])]]
     plan += [(BASE, FIRST_SEED)] * max(0, args.same_seed - 1)
     try:
         if args.no_train:
             if args.runs is None or not args.runs.exists():
                 print("judge_power: --no-train needs --runs FILE with recorded runs.", file=sys.stderr)
-                return 2
+                return 1
             runs, missing = measure(plan, args.budget, args.runs, 0)
         else:
             runs, missing = measure(plan, args.budget, args.runs, args.minutes, log=lambda line: print(line, flush=True))
