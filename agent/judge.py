@@ -1,14 +1,16 @@
 """Keep or discard: the rules that turn a candidate's val_bpb into a Verdict.
 
-A fixed-time run is noisy, so baseline repeats with different seeds give the noise floor sigma,
-and a candidate must beat the best by more than k * sigma. Runs are paired on seeds: a candidate's
-run i uses the seed of baseline i, and it is compared with the best's run on that same seed, so
-`values[i]` and `best[i]` always share a seed (common random numbers).
-Sigma from two runs is itself noisy: by luck it can be tiny, and then noise passes for progress.
-So a candidate that one run would keep (or nearly) is run again, and the confirming pair measures
-the candidate's own run-to-run spread: the larger of that and the baseline's sigma sets the bar
-for the mean of the two. The greedy autoresearch rule sits beside it so both can be compared on the
-same runs. Every rule is a pure function; the loop picks one by name from JUDGES.
+A fixed-time run is noisy, so baseline repeats with different seeds give the noise floor sigma.
+Runs are paired on seeds: a candidate's run i uses the seed of baseline i, and it is compared with the
+best's run on that same seed, so `values[i]` and `best[i]` always share a seed (common random numbers):
+the seed's own luck (initialisation, data order) cancels in the difference. The noise judge is a
+sequential test on those paired differences: the bar for the mean of n of them is k * sigma / sqrt(n);
+a clear result is decided on one run, a near one asks for a confirming run on the next seed, up to
+max_runs. Sigma from a few baselines is itself noisy (by luck it can be tiny), so once the candidate has
+two runs, the spread of its own paired differences raises the bar when it is larger.
+`bench/judge_power.py` measures what this buys: false keeps on null changes, detection of planted
+improvements, and runs per decision, on the same runs. The greedy autoresearch rule sits beside it so
+both can be compared. Every rule is a pure function; the loop picks one by name from JUDGES.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def judge_noise(
     lines_added: int = 0,
     lines_removed: int = 0,
     confirm_margin: float = 0.0,
-    max_runs: int = 3,
+    max_runs: int = 2,
 ) -> Verdict:
     """A sequential paired test. After n runs the bar for the mean paired delta is
     threshold = max(k * sigma / sqrt(n), min_delta): averaging n seed-paired differences shrinks their noise
