@@ -6,8 +6,11 @@ best's run on that same seed, so `values[i]` and `best[i]` always share a seed (
 the seed's own luck (initialisation, data order) cancels in the difference. The noise judge is a
 sequential test on those paired differences: the bar for the mean of n of them is k * sigma / sqrt(n);
 a clear result is decided on one run, a near one asks for a confirming run on the next seed, up to
-max_runs. Sigma from a few baselines is itself noisy (by luck it can be tiny), so once the candidate has
-two runs, the spread of its own paired differences raises the bar when it is larger.
+max_runs. The noise of one paired difference is measured on null twins when the loop runs them (the
+baseline with a null edit on the baselines' seeds); otherwise the baselines' cross-seed sigma stands in,
+which one badly trained seed can inflate far past it. Sigma from a few runs is itself noisy (by luck it
+can be tiny), so once the candidate has two runs, the spread of its own paired differences raises the bar
+when it is larger.
 `bench/judge_power.py` measures what this buys: false keeps on null changes, detection of planted
 improvements, and runs per decision, on the same runs. The greedy autoresearch rule sits beside it so
 both can be compared. Every rule is a pure function; the loop picks one by name from JUDGES.
@@ -24,23 +27,39 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class NoiseFloor:
-    """The run-to-run spread of val_bpb, measured on baseline repeats."""
+    """The run-to-run spread of val_bpb, measured on baseline repeats and, when the loop runs them, on their
+    null twins: the baseline with an edit that alters the training trajectory without helping (a learning
+    rate x 1.0001), on the same seeds."""
 
-    sigma: float | None  # sample standard deviation; None with fewer than 2 runs
+    sigma: float | None  # sample standard deviation across seeds; None with fewer than 2 runs
     runs: int
+    paired: float | None = None  # root mean square of twin minus baseline, seed by seed; None below 2 pairs
+    twins: int = 0
+
+    @property
+    def unit(self) -> float | None:
+        """The noise of one seed-paired difference: measured on the twins when they ran, else the cross-seed
+        sigma (which one badly trained seed can inflate far above the paired noise)."""
+        return self.paired if self.paired is not None else self.sigma
 
     def describe(self) -> str:
+        if self.paired is not None:
+            return f"paired sigma {self.paired:.4f} from {self.twins} null twin{'' if self.twins == 1 else 's'}"
         runs = f"{self.runs} baseline run{'' if self.runs == 1 else 's'}"
         if self.sigma is None:
             return f"sigma unknown ({runs})"
         return f"sigma {self.sigma:.4f} from {runs}"
 
 
-def noise_floor(values: Sequence[float]) -> NoiseFloor:
-    """Sigma (ddof=1) of the baseline val_bpb values; non-finite values are failed runs, not measurements."""
+def noise_floor(values: Sequence[float], twins: Sequence[float] = ()) -> NoiseFloor:
+    """Sigma (ddof=1) of the baseline val_bpb values, and the paired sigma of the null twins: `twins[i]` ran on
+    the seed of `values[i]`. A null edit's expected difference is zero, so the paired sigma is the root mean
+    square of the differences (one degree of freedom each). Non-finite values are failed runs, not measurements."""
     finite = [value for value in values if math.isfinite(value)]
     sigma = statistics.stdev(finite) if len(finite) >= 2 else None
-    return NoiseFloor(sigma=sigma, runs=len(finite))
+    differences = [twin - value for twin, value in zip(twins, values) if math.isfinite(twin) and math.isfinite(value)]
+    paired = math.sqrt(statistics.fmean(d * d for d in differences)) if len(differences) >= 2 else None
+    return NoiseFloor(sigma=sigma, runs=len(finite), paired=paired, twins=len(differences) if paired is not None else 0)
 
 
 @dataclass(frozen=True)
@@ -94,7 +113,8 @@ def judge_noise(
     once, one short of (1 - confirm_margin) x the bar is discarded at once, and one in between asks for a
     confirming run on the next seed; at max_runs, or with confirm_margin 0, the bar alone decides.
     A simplification (more lines removed than added) within the bar is kept on one run. With two or more
-    runs, sigma is the larger of the baseline's and the spread of the candidate's own paired differences."""
+    runs, sigma is the larger of the floor's (the twins' paired sigma when measured, else the baselines'
+    cross-seed sigma) and the spread of the candidate's own paired differences."""
     measured = _measured(values)
     if isinstance(measured, Verdict):
         return measured
@@ -105,7 +125,7 @@ def judge_noise(
     if runs > 1:
         shown += ")" if paired == runs else f", {paired} paired with the best's, the rest with its mean)"
 
-    sigma, described = floor.sigma, floor.describe()
+    sigma, described = floor.unit, floor.describe()
     if runs >= 2:
         reference = statistics.fmean(best)
         differences = [value - (best[i] if i < len(best) else reference) for i, value in enumerate(values)]

@@ -8,7 +8,8 @@ optionally --better, a real improvement that checks the shift model; plus --same
 whose spread is timing alone. A case is an ordering of the seeds as the loop would use them: baselines on the
 first --baseline-repeats seeds, the candidate on the first seed, each confirmation on the next one, every
 candidate run compared with the baseline on its seed. A null case's candidate is a null variant; a planted
-improvement of d sigma is a null variant's values minus d times the cross-seed sigma. Beside the measured
+improvement of d sigma is a null variant's values minus d times the cross-seed sigma (`_sigma_paired`: d times
+the null variants' paired sigma, the scale a paired comparison sees, which one failed seed cannot inflate). Beside the measured
 rates, `model_` lines give the same rates on a Gaussian model with the measured sigmas (many more cases than
 a few seeds allow).
 
@@ -16,9 +17,12 @@ Usage: python bench/judge_power.py [--runs runs.json] [--seeds 4] [--budget 60] 
        python bench/judge_power.py --runs runs.json --no-train     # recompute from recorded runs only
 Needs prepared data for the cpu preset (unless --no-train). Saves each run to --runs as it finishes; with
 --minutes it stops starting runs after that long and exits 3, so the next call with the same --runs resumes.
-Prints `key: value` lines; goal for the default judge (`noise`): false_keep_rate <= 0.05,
-detection_rate at 3 sigma >= 0.80, runs_per_decision <= 1.5 (the mean over null and planted cases, each of
-the five classes null, 1, 2, 3, 5 sigma weighted equally).
+Prints `key: value` lines for each judge: `noise` (its floor from the baselines' cross-seed sigma), `greedy`,
+`noise_twins` (the noise judge with null twins in its floor: a second null variant run on the baselines'
+seeds, whose paired sigma sets the bar) and, with --before, the noise judge as it was at that commit.
+Goal for the default judge: false_keep_rate <= 0.05, detection_rate at 3 sigma >= 0.80, runs_per_decision
+<= 1.5 (the candidate's runs, baselines and twins not counted: the mean over the five classes null, 1, 2, 3,
+5 sigma, weighted equally).
 """
 
 from __future__ import annotations
@@ -102,16 +106,19 @@ def decide(judge: Callable, candidate: Sequence[float], best: Sequence[float], o
 
 
 def cast(table: dict[tuple[str, int], float], seeds: Sequence[int], candidates: Sequence[str], shift: float,
-         judge: Callable, judge_options: dict, repeats: int, max_runs: int) -> Rate:
+         judge: Callable, judge_options: dict, repeats: int, max_runs: int, twin: Callable[[str], str] | None = None
+         ) -> Rate:
     """Every ordering of the seeds the loop could have met, for every candidate variant: baselines (base) on
-    the first `repeats` seeds, the candidate's runs (minus `shift`) on the first `max_runs`."""
+    the first `repeats` seeds, the candidate's runs (minus `shift`) on the first `max_runs`. With `twin`, the
+    floor also has null twins: the variant twin(candidate) on the baselines' seeds."""
     length = max(repeats, max_runs)
     keeps = runs = cases = 0
     for variant in candidates:
         for order in itertools.permutations(seeds, length):
             baselines = [table[BASE, seed] for seed in order[:repeats]]
+            twins = [table[twin(variant), seed] for seed in order[:repeats]] if twin else []
             candidate = [table[variant, seed] - shift for seed in order[:max_runs]]
-            options = dict(floor=noise_floor(baselines), judge=judge_options)
+            options = dict(floor=noise_floor(baselines, twins), judge=judge_options)
             status, used = decide(judge, candidate, baselines, options, max_runs)
             keeps += status == "keep"
             runs += used
@@ -120,24 +127,35 @@ def cast(table: dict[tuple[str, int], float], seeds: Sequence[int], candidates: 
 
 
 def model_rate(sigmas: Sigmas, shift: float, judge: Callable, judge_options: dict, repeats: int,
-               max_runs: int, cases: int = MODEL_CASES) -> Rate:
-    """The same cast on a Gaussian model: a seed's base value has the cross-seed sigma; a candidate on that
-    seed correlates with it so that their difference has the measured paired sigma."""
+               max_runs: int, cases: int = MODEL_CASES, twins: bool = False) -> Rate:
+    """The same cast on a Gaussian model: a seed's base value has the cross-seed sigma; a candidate (or a
+    null twin) on that seed correlates with it so that their difference has the measured paired sigma."""
     sigma = sigmas.cross_seed
     rho = min(1.0, max(0.0, 1 - sigmas.null_paired ** 2 / (2 * sigma ** 2)))
     rng = random.Random(MODEL_SEED)
     length = max(repeats, max_runs)
     keeps = runs = 0
+
+    def paired(z):
+        return sigma * (rho * z + math.sqrt(1 - rho ** 2) * rng.gauss(0, 1))
     for _ in range(cases):
         seed_effects = [rng.gauss(0, 1) for _ in range(length)]
         baselines = [sigma * z for z in seed_effects[:repeats]]
-        candidate = [sigma * (rho * z + math.sqrt(1 - rho ** 2) * rng.gauss(0, 1)) - shift
-                     for z in seed_effects[:max_runs]]
-        options = dict(floor=noise_floor(baselines), judge=judge_options)
+        twin_values = [paired(z) for z in seed_effects[:repeats]] if twins else []
+        candidate = [paired(z) - shift for z in seed_effects[:max_runs]]
+        options = dict(floor=noise_floor(baselines, twin_values), judge=judge_options)
         status, used = decide(judge, candidate, baselines, options, max_runs)
         keeps += status == "keep"
         runs += used
     return Rate(keeps / cases, runs / cases, cases)
+
+
+def twin_of(nulls: Sequence[str]) -> Callable[[str], str]:
+    """The null twin the floor uses for a candidate: another null variant than the candidate itself, so the
+    twins' noise and the candidate's are measured on different runs."""
+    def twin(variant: str) -> str:
+        return nulls[(nulls.index(variant) + 1) % len(nulls)] if variant in nulls else nulls[0]
+    return twin
 
 
 def judge_at(commit: str) -> Callable:
@@ -157,7 +175,7 @@ def judge_at(commit: str) -> Callable:
 
 
 def report(runs: Sequence[Run], seeds: Sequence[int], nulls: Sequence[str], better: str | None,
-           judges: dict[str, Callable], judge_options: dict, repeats: int, max_runs: int, model: bool) -> list[str]:
+           judges: dict[str, tuple[Callable, Callable | None]], judge_options: dict, repeats: int, max_runs: int, model: bool) -> list[str]:
     """The `key: value` lines of the bench."""
     table = first_values(runs)
     sigmas = measure_sigmas(runs, seeds, nulls)
@@ -177,27 +195,32 @@ def report(runs: Sequence[Run], seeds: Sequence[int], nulls: Sequence[str], bett
         lines += [f"better_variant: {better}", f"better_paired_gain: {real:+.6f}",
                   f"better_paired_gain_sigma: {real / sigma:+.2f}",
                   f"better_paired_gain_stdev: {statistics.stdev(gains):.6f}"]
-    for name, judge in judges.items():
-        null = cast(table, seeds, nulls, 0.0, judge, judge_options, repeats, max_runs)
-        planted = {d: cast(table, seeds, nulls, d * sigma, judge, judge_options, repeats, max_runs) for d in SHIFTS}
+    for name, (judge, twin) in judges.items():
+        def rate(candidates, shift):
+            return cast(table, seeds, candidates, shift, judge, judge_options, repeats, max_runs, twin)
+        null = rate(nulls, 0.0)
+        planted = {d: rate(nulls, d * sigma) for d in SHIFTS}
         classes = [null, *planted.values()]
         lines.append(f"cases_null_{name}: {null.cases}")
         lines.append(f"false_keep_rate_{name}: {null.keeps:.3f}")
-        lines += [f"detection_rate_{name}_{d}sigma: {rate.keeps:.3f}" for d, rate in planted.items()]
+        lines += [f"detection_rate_{name}_{d}sigma: {planted[d].keeps:.3f}" for d in SHIFTS]
+        if sigmas.null_paired is not None:
+            lines += [f"detection_rate_{name}_{d}sigma_paired: {rate(nulls, d * sigmas.null_paired).keeps:.3f}"
+                      for d in SHIFTS]
         lines.append(f"runs_per_decision_{name}: {statistics.fmean(rate.runs for rate in classes):.2f}")
         lines.append(f"runs_per_decision_{name}_null: {null.runs:.2f}")
         lines.append(f"runs_per_decision_{name}_3sigma: {planted[3].runs:.2f}")
         if real is not None:
-            measured = cast(table, seeds, [better], 0.0, judge, judge_options, repeats, max_runs)
-            shifted = cast(table, seeds, nulls, real, judge, judge_options, repeats, max_runs)
-            lines.append(f"real_detection_rate_{name}: {measured.keeps:.3f}")
-            lines.append(f"shift_model_detection_rate_{name}: {shifted.keeps:.3f}")
+            lines.append(f"real_detection_rate_{name}: {rate([better], 0.0).keeps:.3f}")
+            lines.append(f"shift_model_detection_rate_{name}: {rate(nulls, real).keeps:.3f}")
         if model and sigmas.null_paired is not None:
-            null = model_rate(sigmas, 0.0, judge, judge_options, repeats, max_runs)
-            planted = {d: model_rate(sigmas, d * sigma, judge, judge_options, repeats, max_runs) for d in SHIFTS}
+            def modelled(shift):
+                return model_rate(sigmas, shift, judge, judge_options, repeats, max_runs, twins=twin is not None)
+            null = modelled(0.0)
+            planted = {d: modelled(d * sigma) for d in SHIFTS}
             classes = [null, *planted.values()]
             lines.append(f"model_false_keep_rate_{name}: {null.keeps:.3f}")
-            lines += [f"model_detection_rate_{name}_{d}sigma: {rate.keeps:.3f}" for d, rate in planted.items()]
+            lines += [f"model_detection_rate_{name}_{d}sigma: {planted[d].keeps:.3f}" for d in SHIFTS]
             lines.append(f"model_runs_per_decision_{name}: {statistics.fmean(rate.runs for rate in classes):.2f}")
     return lines
 
@@ -213,8 +236,8 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, help="start no run after this many minutes; exit 3 if runs are left")
     parser.add_argument("--no-train", action="store_true", help="use only the runs recorded in --runs")
     parser.add_argument("--baseline-repeats", type=int, default=3, help="baseline runs the loop makes")
-    parser.add_argument("--max-runs", type=int, default=3, help="the candidate's runs at most (first + confirmations)")
-    parser.add_argument("--k", type=float, default=2.0)
+    parser.add_argument("--max-runs", type=int, default=2, help="the candidate's runs at most (first + confirmations)")
+    parser.add_argument("--k", type=float, default=2.5)
     parser.add_argument("--confirm-margin", type=float, default=0.5)
     parser.add_argument("--before", metavar="COMMIT", help="also judge with agent/judge.py's judge_noise at COMMIT")
     parser.add_argument("--no-model", action="store_true", help="skip the Gaussian model's rates")
@@ -239,9 +262,11 @@ def main() -> int:
             print(f"judge_power: {missing} of {len(plan)} runs are still to measure at --budget {args.budget:g}; "
                   f"run again with the same --runs to continue.", file=sys.stderr)
             return 3
-        judges = dict(JUDGES)
+        judges = {name: (judge, None) for name, judge in JUDGES.items()}
+        if len(nulls) >= 2:
+            judges["noise_twins"] = (JUDGES["noise"], twin_of(nulls))
         if args.before:
-            judges["before"] = judge_at(args.before)
+            judges["before"] = (judge_at(args.before), None)
         options = dict(k=args.k, min_delta=0.0, confirm_margin=args.confirm_margin, max_runs=args.max_runs)
         for line in report(runs, seeds, nulls, args.better, judges, options, args.baseline_repeats, args.max_runs,
                            not args.no_model):

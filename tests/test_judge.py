@@ -33,6 +33,38 @@ def test_noise_floor_leaves_out_failed_runs():
     assert floor.runs == 2
 
 
+def test_null_twins_give_the_paired_sigma():
+    # twin minus baseline, seed by seed: +0.03, -0.04, 0.00; mean square (0.0009 + 0.0016 + 0) / 3 = 0.00083333,
+    # sqrt 0.0288675. The cross-seed sigma of 1.00, 1.20, 1.10 is 0.1 and stays beside it.
+    floor = noise_floor([1.00, 1.20, 1.10], twins=[1.03, 1.16, 1.10])
+    assert floor.sigma == pytest.approx(0.1)
+    assert floor.paired == pytest.approx(0.0288675, rel=1e-5)
+    assert (floor.runs, floor.twins) == (3, 3)
+    assert floor.unit == floor.paired
+    assert floor.describe() == "paired sigma 0.0289 from 3 null twins"
+
+
+def test_one_twin_is_not_a_paired_sigma():
+    floor = noise_floor([1.00, 1.20], twins=[1.03])
+    assert (floor.paired, floor.twins) == (None, 0)
+    assert floor.unit == pytest.approx(0.1414213562)  # the cross-seed sigma stands in
+
+
+def test_failed_twins_are_left_out():
+    # the pair with a NaN twin drops out; +0.03 and -0.04 remain: sqrt((0.0009 + 0.0016) / 2) = 0.0353553
+    floor = noise_floor([1.00, 1.20, 1.10], twins=[1.03, 1.16, math.nan])
+    assert floor.paired == pytest.approx(0.0353553, rel=1e-5)
+    assert floor.twins == 2
+
+
+def test_the_bar_is_set_by_the_paired_sigma_when_twins_ran():
+    # cross-seed sigma 0.1 would set the bar at 0.2; the twins' paired sigma 0.0288675 sets it at 0.057735
+    floor = noise_floor([1.00, 1.20, 1.10], twins=[1.03, 1.16, 1.10])
+    verdict = judge_noise([0.94], [1.0], floor)
+    assert verdict.status == "keep"
+    assert verdict.reason == "-0.0600 < -2 sigma = -0.0577 (paired sigma 0.0289 from 3 null twins)"
+
+
 def test_keep_just_past_the_threshold():
     verdict = judge_noise([0.9899], [1.0], FLOOR)
     assert verdict.status == "keep"

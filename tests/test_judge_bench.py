@@ -53,6 +53,19 @@ def test_greedy_cast_every_way_the_loop_would():
     assert shifted.keeps == pytest.approx(2 / 3)
 
 
+def test_null_twins_set_the_bar_in_the_cast():
+    # twin B differs from base by -0.02, +0.02, 0.00 on seeds 42, 43, 44: its paired sigma over the two baseline
+    # seeds is 0.02 for (42, 43) and 0.014142 for pairs with 44, so the bar (k = 2) is 0.04 or 0.028284.
+    # The candidate A shifted by 0.04 differs by -0.03, -0.05, -0.02: kept on orders (42, 44), (43, 42), (43, 44).
+    twin = "EMBEDDING_LR*1.0001"
+    table = first_values(RUNS + [run(twin, 42, 0.98), run(twin, 43, 1.22), run(twin, 44, 1.10)])
+    options = dict(k=2.0, confirm_margin=0.0, max_runs=1)
+    rate = cast(table, SEEDS, [NULL], 0.04, judge_noise, options, repeats=2, max_runs=1, twin=lambda _: twin)
+    assert rate.keeps == pytest.approx(0.5)
+    # without twins the bar is 2 x the cross-seed sigma of two baselines (at least 0.14): nothing is kept
+    assert cast(table, SEEDS, [NULL], 0.04, judge_noise, options, repeats=2, max_runs=1).keeps == 0.0
+
+
 def test_decide_confirms_on_the_next_seeds_until_the_bar_decides():
     # sigma 0.005, k 2, margin 0.5. Run 1: -0.008 lies between -0.005 and -0.015: confirm. Run 2: differences
     # -0.008, -0.010 (spread 0.0014 < 0.005), bar 0.0070711, confirm between -0.0035 and -0.0106: -0.009 confirms.
