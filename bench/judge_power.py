@@ -204,10 +204,12 @@ def report(runs: Sequence[Run], seeds: Sequence[int], nulls: Sequence[str], bett
         lines.append(f"cases_null_{name}: {null.cases}")
         lines.append(f"false_keep_rate_{name}: {null.keeps:.3f}")
         lines += [f"detection_rate_{name}_{d}sigma: {planted[d].keeps:.3f}" for d in SHIFTS]
-        if sigmas.null_paired is not None:
-            lines += [f"detection_rate_{name}_{d}sigma_paired: {rate(nulls, d * sigmas.null_paired).keeps:.3f}"
-                      for d in SHIFTS]
         lines.append(f"runs_per_decision_{name}: {statistics.fmean(rate.runs for rate in classes):.2f}")
+        if sigmas.null_paired is not None:
+            paired = {d: rate(nulls, d * sigmas.null_paired) for d in SHIFTS}
+            lines += [f"detection_rate_{name}_{d}sigma_paired: {paired[d].keeps:.3f}" for d in SHIFTS]
+            lines.append(f"runs_per_decision_{name}_paired: "
+                         f"{statistics.fmean(rate.runs for rate in [null, *paired.values()]):.2f}")
         lines.append(f"runs_per_decision_{name}_null: {null.runs:.2f}")
         lines.append(f"runs_per_decision_{name}_3sigma: {planted[3].runs:.2f}")
         if real is not None:
@@ -222,6 +224,10 @@ def report(runs: Sequence[Run], seeds: Sequence[int], nulls: Sequence[str], bett
             lines.append(f"model_false_keep_rate_{name}: {null.keeps:.3f}")
             lines += [f"model_detection_rate_{name}_{d}sigma: {planted[d].keeps:.3f}" for d in SHIFTS]
             lines.append(f"model_runs_per_decision_{name}: {statistics.fmean(rate.runs for rate in classes):.2f}")
+            paired = {d: modelled(d * sigmas.null_paired) for d in SHIFTS}
+            lines += [f"model_detection_rate_{name}_{d}sigma_paired: {paired[d].keeps:.3f}" for d in SHIFTS]
+            lines.append(f"model_runs_per_decision_{name}_paired: "
+                         f"{statistics.fmean(rate.runs for rate in [null, *paired.values()]):.2f}")
     return lines
 
 
