@@ -40,7 +40,7 @@ PRESETS = {
     # The karpathy/autoresearch values: one GPU, 5 minutes.
     "gpu": dict(MAX_SEQ_LEN=2048, TIME_BUDGET=300, EVAL_TOKENS=40 * 524288, VOCAB_SIZE=8192, SOURCE="climbmix"),
     # Two CPU cores: short rows, a small vocabulary, an eval of a few seconds.
-    "cpu": dict(MAX_SEQ_LEN=256, TIME_BUDGET=60, EVAL_TOKENS=2**16, VOCAB_SIZE=4096, SOURCE="builtin"),
+    "cpu": dict(MAX_SEQ_LEN=128, TIME_BUDGET=60, EVAL_TOKENS=2**16, VOCAB_SIZE=2048, SOURCE="builtin"),
 }
 
 

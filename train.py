@@ -39,9 +39,9 @@ HEAD_DIM = {"gpu": 128, "cpu": 32}[PRESET]            # attention head size
 WINDOW_PATTERN = {"gpu": "SSSL", "cpu": "L"}[PRESET]  # per layer: L = full context, S = half; the last layer is L
 
 # Batch, per preset
-TOTAL_BATCH_SIZE = {"gpu": 2**19, "cpu": 2**12}[PRESET]  # tokens per optimizer step
+TOTAL_BATCH_SIZE = {"gpu": 2**19, "cpu": 2**10}[PRESET]  # tokens per optimizer step
 DEVICE_BATCH_SIZE = {"gpu": 128, "cpu": 4}[PRESET]       # rows per forward/backward; accumulation makes up the rest
-EVAL_BATCH_SIZE = {"gpu": 64, "cpu": 4}[PRESET]          # rows per evaluation forward
+EVAL_BATCH_SIZE = {"gpu": 64, "cpu": 16}[PRESET]         # rows per evaluation forward
 
 # Optimization
 OPTIMIZER = "muon"             # "muon": MuonAdamW below; "deepnested": MuonAdamW with learned corrections (DN_*)
@@ -54,7 +54,7 @@ WEIGHT_DECAY = 0.2             # cautious weight decay on hidden matrices, decay
 ADAM_BETAS = (0.8, 0.95)       # AdamW beta1, beta2
 MUON_MOMENTUM_START = 0.85     # Nesterov momentum at step 0 ...
 MUON_MOMENTUM_END = 0.95       # ... ramped linearly to this ...
-MUON_MOMENTUM_RAMP_STEPS = 300  # ... over this many steps
+MUON_MOMENTUM_RAMP_STEPS = {"gpu": 300, "cpu": 100}[PRESET]  # ... over this many steps
 MUON_NS_STEPS = 5              # orthogonalisation iterations: Polar Express, then Newton-Schulz
 MUON_BETA2 = 0.95              # NorMuon neuron-wise second-moment decay
 WARMUP_RATIO = 0.0             # fraction of the budget spent warming the LR up
