@@ -19,7 +19,7 @@ from pathlib import Path
 
 from agent.backlog import Assignment
 from agent.runner import default_timeout, run_training, training_env
-from agent.train_constants import read_constant, set_constants
+from agent.train_constants import ConstantEditError, read_constant, set_constants
 
 REPO = Path(__file__).resolve().parent.parent
 FIRST_SEED = 42  # the loop's default --seed: the first baseline's
@@ -47,16 +47,20 @@ def variant_source(variant: str, source: str) -> str:
     if variant == BASE:
         return source
     edits = []
-    for edit in variant.split(","):
-        if "*" in edit:
-            name, factor = (part.strip() for part in edit.split("*", 1))
-            edits.append(Assignment(name, f"({read_constant(source, name)}) * {factor}"))
-        elif "=" in edit:
-            name, value = (part.strip() for part in edit.split("=", 1))
-            edits.append(Assignment(name, value))
-        else:
-            raise MeasureError(f"variant {variant!r}: write each edit as NAME*FACTOR or NAME=VALUE, or use 'base'.")
-    return set_constants(source, edits)
+    try:
+        for edit in variant.split(","):
+            if "=" in edit:
+                name, value = (part.strip() for part in edit.split("=", 1))
+                edits.append(Assignment(name, value))
+            elif "*" in edit:
+                name, factor = (part.strip() for part in edit.split("*", 1))
+                edits.append(Assignment(name, f"({read_constant(source, name)}) * {factor}"))
+            else:
+                raise MeasureError(f"variant {variant!r}: write each edit as NAME*FACTOR or NAME=VALUE, "
+                                   "or use 'base'.")
+        return set_constants(source, edits)
+    except ConstantEditError as error:
+        raise MeasureError(f"variant {variant!r}: {error}") from None
 
 
 def train(variant: str, seed: int, budget: float) -> Run:

@@ -96,6 +96,9 @@ def test_variants_edit_train_constants():
     assert variant_source("base", source) == source
     assert variant_source(NULL, source) == "MATRIX_LR = (0.04) * 1.0001  # hidden matrices\nSEED = 1\n"
     assert variant_source("MATRIX_LR=0.05,SEED=2", source) == "MATRIX_LR = 0.05  # hidden matrices\nSEED = 2\n"
+    assert variant_source("SEED=2**3", source) == "MATRIX_LR = 0.04  # hidden matrices\nSEED = 2**3\n"
+    with pytest.raises(MeasureError, match="'DEPTH\\*2': DEPTH matches no module-level assignment"):
+        variant_source("DEPTH*2", source)
     with pytest.raises(MeasureError, match="NAME\\*FACTOR or NAME=VALUE"):
         variant_source("MATRIX_LR", source)
 
