@@ -8,10 +8,10 @@ optionally --better, a real improvement that checks the shift model; plus --same
 whose spread is timing alone. A case is an ordering of the seeds as the loop would use them: baselines on the
 first --baseline-repeats seeds, the candidate on the first seed, each confirmation on the next one, every
 candidate run compared with the baseline on its seed. A null case's candidate is a null variant; a planted
-improvement of d sigma is a null variant's values minus d times the cross-seed sigma (`_sigma_paired`: d times
-the null variants' paired sigma, the scale a paired comparison sees, which one failed seed cannot inflate). Beside the measured
-rates, `model_` lines give the same rates on a Gaussian model with the measured sigmas (many more cases than
-a few seeds allow).
+improvement of d sigma is a null variant's values minus d times the cross-seed sigma (`_sigma_paired`: d
+times the null variants' paired sigma, the scale a paired comparison sees, which one badly trained seed
+cannot inflate). Beside the measured rates, `model_` lines give the same rates on a Gaussian model with the
+measured sigmas (many more cases than a few seeds allow).
 
 Usage: python bench/judge_power.py [--runs runs.json] [--seeds 4] [--budget 60] [--minutes 9]
        python bench/judge_power.py --runs runs.json --no-train     # recompute from recorded runs only
@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from judge_runs import BASE, FIRST_SEED, REPO, MeasureError, Run, load_runs, measure  # noqa: E402
+from judge_runs import BASE, FIRST_SEED, REPO, MeasureError, Run, measure  # noqa: E402
 
 from agent.judge import JUDGES, noise_floor  # noqa: E402
 
@@ -175,7 +175,8 @@ def judge_at(commit: str) -> Callable:
 
 
 def report(runs: Sequence[Run], seeds: Sequence[int], nulls: Sequence[str], better: str | None,
-           judges: dict[str, tuple[Callable, Callable | None]], judge_options: dict, repeats: int, max_runs: int, model: bool) -> list[str]:
+           judges: dict[str, tuple[Callable, Callable | None]], judge_options: dict, repeats: int, max_runs: int,
+           model: bool) -> list[str]:
     """The `key: value` lines of the bench."""
     table = first_values(runs)
     sigmas = measure_sigmas(runs, seeds, nulls)
@@ -196,25 +197,25 @@ def report(runs: Sequence[Run], seeds: Sequence[int], nulls: Sequence[str], bett
                   f"better_paired_gain_sigma: {real / sigma:+.2f}",
                   f"better_paired_gain_stdev: {statistics.stdev(gains):.6f}"]
     for name, (judge, twin) in judges.items():
-        def rate(candidates, shift):
+        def cast_rate(candidates, shift):
             return cast(table, seeds, candidates, shift, judge, judge_options, repeats, max_runs, twin)
-        null = rate(nulls, 0.0)
-        planted = {d: rate(nulls, d * sigma) for d in SHIFTS}
+        null = cast_rate(nulls, 0.0)
+        planted = {d: cast_rate(nulls, d * sigma) for d in SHIFTS}
         classes = [null, *planted.values()]
         lines.append(f"cases_null_{name}: {null.cases}")
         lines.append(f"false_keep_rate_{name}: {null.keeps:.3f}")
         lines += [f"detection_rate_{name}_{d}sigma: {planted[d].keeps:.3f}" for d in SHIFTS]
         lines.append(f"runs_per_decision_{name}: {statistics.fmean(rate.runs for rate in classes):.2f}")
         if sigmas.null_paired is not None:
-            paired = {d: rate(nulls, d * sigmas.null_paired) for d in SHIFTS}
+            paired = {d: cast_rate(nulls, d * sigmas.null_paired) for d in SHIFTS}
             lines += [f"detection_rate_{name}_{d}sigma_paired: {paired[d].keeps:.3f}" for d in SHIFTS]
             lines.append(f"runs_per_decision_{name}_paired: "
                          f"{statistics.fmean(rate.runs for rate in [null, *paired.values()]):.2f}")
         lines.append(f"runs_per_decision_{name}_null: {null.runs:.2f}")
         lines.append(f"runs_per_decision_{name}_3sigma: {planted[3].runs:.2f}")
         if real is not None:
-            lines.append(f"real_detection_rate_{name}: {rate([better], 0.0).keeps:.3f}")
-            lines.append(f"shift_model_detection_rate_{name}: {rate(nulls, real).keeps:.3f}")
+            lines.append(f"real_detection_rate_{name}: {cast_rate([better], 0.0).keeps:.3f}")
+            lines.append(f"shift_model_detection_rate_{name}: {cast_rate(nulls, real).keeps:.3f}")
         if model and sigmas.null_paired is not None:
             def modelled(shift):
                 return model_rate(sigmas, shift, judge, judge_options, repeats, max_runs, twins=twin is not None)
@@ -232,11 +233,13 @@ def report(runs: Sequence[Run], seeds: Sequence[int], nulls: Sequence[str], bett
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--runs", type=Path, help="JSON file of recorded runs: read, completed and saved after each run")
-    parser.add_argument("--seeds", type=int, default=4, help=f"seeds {FIRST_SEED}, {FIRST_SEED + 1}, ... (at least 2)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--runs", type=Path, help="JSON file of recorded runs: read, completed, saved after each run")
+    parser.add_argument("--seeds", type=int, default=4, help=f"seeds {FIRST_SEED}, {FIRST_SEED + 1}, ...")
     parser.add_argument("--same-seed", type=int, default=2, help=f"base runs on seed {FIRST_SEED} (timing noise)")
-    parser.add_argument("--null", action="append", help=f"null variant (repeatable; default {', '.join(NULL_VARIANTS)})")
+    parser.add_argument("--null", action="append",
+                        help=f"null variant (repeatable; default {', '.join(NULL_VARIANTS)})")
     parser.add_argument("--better", help="a real improvement, NAME=VALUE or NAME*FACTOR, to check the shift model")
     parser.add_argument("--budget", type=float, default=60.0, help="training seconds per run")
     parser.add_argument("--minutes", type=float, help="start no run after this many minutes; exit 3 if runs are left")
@@ -263,7 +266,8 @@ def main() -> int:
                 return 1
             runs, missing = measure(plan, args.budget, args.runs, 0)
         else:
-            runs, missing = measure(plan, args.budget, args.runs, args.minutes, log=lambda line: print(line, flush=True))
+            runs, missing = measure(plan, args.budget, args.runs, args.minutes,
+                                    log=lambda line: print(line, flush=True))
         if missing:
             print(f"judge_power: {missing} of {len(plan)} runs are still to measure at --budget {args.budget:g}; "
                   f"run again with the same --runs to continue.", file=sys.stderr)
