@@ -174,6 +174,22 @@ def judge_at(commit: str) -> Callable:
     return before
 
 
+def model_lines(name: str, judge: Callable, twins: bool, sigmas: Sigmas, judge_options: dict, repeats: int,
+                max_runs: int) -> list[str]:
+    """The `model_` lines of one judge: its rates on the Gaussian model with these sigmas."""
+    def modelled(shift):
+        return model_rate(sigmas, shift, judge, judge_options, repeats, max_runs, twins=twins)
+    null = modelled(0.0)
+    planted = {d: modelled(d * sigmas.cross_seed) for d in SHIFTS}
+    paired = {d: modelled(d * sigmas.null_paired) for d in SHIFTS}
+    return [f"model_false_keep_rate_{name}: {null.keeps:.3f}",
+            *[f"model_detection_rate_{name}_{d}sigma: {planted[d].keeps:.3f}" for d in SHIFTS],
+            f"model_runs_per_decision_{name}: {statistics.fmean(rate.runs for rate in [null, *planted.values()]):.2f}",
+            *[f"model_detection_rate_{name}_{d}sigma_paired: {paired[d].keeps:.3f}" for d in SHIFTS],
+            f"model_runs_per_decision_{name}_paired: "
+            f"{statistics.fmean(rate.runs for rate in [null, *paired.values()]):.2f}"]
+
+
 def report(runs: Sequence[Run], seeds: Sequence[int], nulls: Sequence[str], better: str | None,
            judges: dict[str, tuple[Callable, Callable | None]], judge_options: dict, repeats: int, max_runs: int,
            model: bool) -> list[str]:
@@ -217,18 +233,7 @@ def report(runs: Sequence[Run], seeds: Sequence[int], nulls: Sequence[str], bett
             lines.append(f"real_detection_rate_{name}: {cast_rate([better], 0.0).keeps:.3f}")
             lines.append(f"shift_model_detection_rate_{name}: {cast_rate(nulls, real).keeps:.3f}")
         if model and sigmas.null_paired is not None:
-            def modelled(shift):
-                return model_rate(sigmas, shift, judge, judge_options, repeats, max_runs, twins=twin is not None)
-            null = modelled(0.0)
-            planted = {d: modelled(d * sigma) for d in SHIFTS}
-            classes = [null, *planted.values()]
-            lines.append(f"model_false_keep_rate_{name}: {null.keeps:.3f}")
-            lines += [f"model_detection_rate_{name}_{d}sigma: {planted[d].keeps:.3f}" for d in SHIFTS]
-            lines.append(f"model_runs_per_decision_{name}: {statistics.fmean(rate.runs for rate in classes):.2f}")
-            paired = {d: modelled(d * sigmas.null_paired) for d in SHIFTS}
-            lines += [f"model_detection_rate_{name}_{d}sigma_paired: {paired[d].keeps:.3f}" for d in SHIFTS]
-            lines.append(f"model_runs_per_decision_{name}_paired: "
-                         f"{statistics.fmean(rate.runs for rate in [null, *paired.values()]):.2f}")
+            lines += model_lines(name, judge, twin is not None, sigmas, judge_options, repeats, max_runs)
     return lines
 
 
@@ -250,6 +255,8 @@ def main() -> int:
     parser.add_argument("--confirm-margin", type=float, default=0.5)
     parser.add_argument("--before", metavar="COMMIT", help="also judge with agent/judge.py's judge_noise at COMMIT")
     parser.add_argument("--no-model", action="store_true", help="skip the Gaussian model's rates")
+    parser.add_argument("--model-sigmas", nargs=2, type=float, metavar=("CROSS", "PAIRED"),
+                        help="only the model's rates, for these cross-seed and paired sigmas (no runs needed)")
     args = parser.parse_args()
     nulls = args.null or list(NULL_VARIANTS)
     seeds = list(range(FIRST_SEED, FIRST_SEED + args.seeds))
@@ -257,6 +264,24 @@ def main() -> int:
         print(f"judge_power: --seeds {args.seeds} is too few: give at least 2 and at least --baseline-repeats "
               f"and --max-runs.", file=sys.stderr)
         return 1
+    judges = {name: (judge, None) for name, judge in JUDGES.items()}
+    if len(nulls) >= 2:
+        judges["noise_twins"] = (JUDGES["noise"], twin_of(nulls))
+    options = dict(k=args.k, min_delta=0.0, confirm_margin=args.confirm_margin, max_runs=args.max_runs)
+    try:
+        if args.before:
+            judges["before"] = (judge_at(args.before), None)
+    except MeasureError as error:
+        print(f"judge_power: {error}", file=sys.stderr)
+        return 1
+    if args.model_sigmas:
+        sigmas = Sigmas(same_seed=None, cross_seed=args.model_sigmas[0], null_paired=args.model_sigmas[1],
+                        null_paired_mean=None)
+        for name, (judge, twin) in judges.items():
+            for line in model_lines(name, judge, twin is not None, sigmas, options, args.baseline_repeats,
+                                    args.max_runs):
+                print(line)
+        return 0
     plan = [(variant, seed) for seed in seeds for variant in [BASE, *nulls, *([args.better] if args.better else [])]]
     plan += [(BASE, FIRST_SEED)] * max(0, args.same_seed - 1)
     try:
@@ -272,12 +297,6 @@ def main() -> int:
             print(f"judge_power: {missing} of {len(plan)} runs are still to measure at --budget {args.budget:g}; "
                   f"run again with the same --runs to continue.", file=sys.stderr)
             return 3
-        judges = {name: (judge, None) for name, judge in JUDGES.items()}
-        if len(nulls) >= 2:
-            judges["noise_twins"] = (JUDGES["noise"], twin_of(nulls))
-        if args.before:
-            judges["before"] = (judge_at(args.before), None)
-        options = dict(k=args.k, min_delta=0.0, confirm_margin=args.confirm_margin, max_runs=args.max_runs)
         for line in report(runs, seeds, nulls, args.better, judges, options, args.baseline_repeats, args.max_runs,
                            not args.no_model):
             print(line)
