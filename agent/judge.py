@@ -1,14 +1,19 @@
 """Keep or discard: the rules that turn a candidate's val_bpb into a Verdict.
 
-A fixed-time run is noisy, so baseline repeats with different seeds give the noise floor sigma,
-and a candidate must beat the best by more than k * sigma. Runs are paired on seeds: a candidate's
-run i uses the seed of baseline i, and it is compared with the best's run on that same seed, so
-`values[i]` and `best[i]` always share a seed (common random numbers).
-Sigma from two runs is itself noisy: by luck it can be tiny, and then noise passes for progress.
-So a candidate that one run would keep (or nearly) is run again, and the confirming pair measures
-the candidate's own run-to-run spread: the larger of that and the baseline's sigma sets the bar
-for the mean of the two. The greedy autoresearch rule sits beside it so both can be compared on the
-same runs. Every rule is a pure function; the loop picks one by name from JUDGES.
+A fixed-time run is noisy, so baseline repeats with different seeds give the noise floor sigma.
+Runs are paired on seeds: a candidate's run i uses the seed of baseline i, and it is compared with the
+best's run on that same seed, so `values[i]` and `best[i]` always share a seed (common random numbers):
+the seed's own luck (initialisation, data order) cancels in the difference. The noise judge is a
+sequential test on those paired differences: the bar for the mean of n of them is k * sigma / sqrt(n);
+a clear result is decided on one run, a near one asks for a confirming run on the next seed, up to
+max_runs. The noise of one paired difference is measured on null twins when the loop runs them (the
+baseline with a null edit on the baselines' seeds); otherwise the baselines' cross-seed sigma stands in,
+which one badly trained seed can inflate far past it. Sigma from a few runs is itself noisy (by luck it
+can be tiny), so once the candidate has two runs, the spread of its own paired differences raises the bar
+when it is larger.
+`bench/judge_power.py` measures what this buys: false keeps on null changes, detection of planted
+improvements, and runs per decision, on the same runs. The greedy autoresearch rule sits beside it so
+both can be compared. Every rule is a pure function; the loop picks one by name from JUDGES.
 """
 
 from __future__ import annotations
@@ -22,23 +27,39 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class NoiseFloor:
-    """The run-to-run spread of val_bpb, measured on baseline repeats."""
+    """The run-to-run spread of val_bpb, measured on baseline repeats and, when the loop runs them, on their
+    null twins: the baseline with an edit that alters the training trajectory without helping (a learning
+    rate x 1.0001), on the same seeds."""
 
-    sigma: float | None  # sample standard deviation; None with fewer than 2 runs
+    sigma: float | None  # sample standard deviation across seeds; None with fewer than 2 runs
     runs: int
+    paired: float | None = None  # root mean square of twin minus baseline, seed by seed; None below 2 pairs
+    twins: int = 0
+
+    @property
+    def unit(self) -> float | None:
+        """The noise of one seed-paired difference: measured on the twins when they ran, else the cross-seed
+        sigma (which one badly trained seed can inflate far above the paired noise)."""
+        return self.paired if self.paired is not None else self.sigma
 
     def describe(self) -> str:
+        if self.paired is not None:
+            return f"paired sigma {self.paired:.4f} from {self.twins} null twin{'' if self.twins == 1 else 's'}"
         runs = f"{self.runs} baseline run{'' if self.runs == 1 else 's'}"
         if self.sigma is None:
             return f"sigma unknown ({runs})"
         return f"sigma {self.sigma:.4f} from {runs}"
 
 
-def noise_floor(values: Sequence[float]) -> NoiseFloor:
-    """Sigma (ddof=1) of the baseline val_bpb values; non-finite values are failed runs, not measurements."""
+def noise_floor(values: Sequence[float], twins: Sequence[float] = ()) -> NoiseFloor:
+    """Sigma (ddof=1) of the baseline val_bpb values, and the paired sigma of the null twins: `twins[i]` ran on
+    the seed of `values[i]`. A null edit's expected difference is zero, so the paired sigma is the root mean
+    square of the differences (one degree of freedom each). Non-finite values are failed runs, not measurements."""
     finite = [value for value in values if math.isfinite(value)]
     sigma = statistics.stdev(finite) if len(finite) >= 2 else None
-    return NoiseFloor(sigma=sigma, runs=len(finite))
+    differences = [twin - value for twin, value in zip(twins, values) if math.isfinite(twin) and math.isfinite(value)]
+    paired = math.sqrt(statistics.fmean(d * d for d in differences)) if len(differences) >= 2 else None
+    return NoiseFloor(sigma=sigma, runs=len(finite), paired=paired, twins=len(differences) if paired is not None else 0)
 
 
 @dataclass(frozen=True)
@@ -84,38 +105,53 @@ def judge_noise(
     lines_added: int = 0,
     lines_removed: int = 0,
     confirm_margin: float = 0.0,
+    max_runs: int = 2,
 ) -> Verdict:
-    """Keep when the mean beats best by more than max(k * sigma, min_delta), or when a simplification
-    (more lines removed than added) stays within that threshold. With confirm_margin > 0, a single run
-    whose delta is below -(1 - confirm_margin) * threshold, that is every would-be keep and the near
-    misses, asks for a confirming run; with two or more runs, sigma is the larger of the baseline's and
-    the candidate's own spread."""
+    """A sequential paired test. After n runs the bar for the mean paired delta is
+    threshold = max(k * sigma / sqrt(n), min_delta): averaging n seed-paired differences shrinks their noise
+    by sqrt(n). While fewer than max_runs runs are in, a delta past (1 + confirm_margin) x the bar is kept at
+    once, one short of (1 - confirm_margin) x the bar is discarded at once, and one in between asks for a
+    confirming run on the next seed; at max_runs, or with confirm_margin 0, the bar alone decides.
+    A simplification (more lines removed than added) within the bar is kept on one run. With two or more
+    runs, sigma is the larger of the floor's (the twins' paired sigma when measured, else the baselines'
+    cross-seed sigma) and the spread of the candidate's own paired differences."""
     measured = _measured(values)
     if isinstance(measured, Verdict):
         return measured
-    mean, runs = measured
     delta = paired_delta(values, best)
-    shown = f"{delta:+.4f}{runs}"
+    runs = len(values)
+    paired = min(runs, len(best))
+    shown = f"{delta:+.4f}" + ("" if runs == 1 else f" (mean of {runs} runs")
+    if runs > 1:
+        shown += ")" if paired == runs else f", {paired} paired with the best's, the rest with its mean)"
 
-    sigma, described = floor.sigma, floor.describe()
-    if len(values) >= 2:
-        spread = statistics.stdev(values)
+    sigma, described = floor.unit, floor.describe()
+    if runs >= 2:
+        reference = statistics.fmean(best)
+        differences = [value - (best[i] if i < len(best) else reference) for i, value in enumerate(values)]
+        spread = statistics.stdev(differences)
         if sigma is None or spread > sigma:
-            sigma, described = spread, f"sigma {spread:.4f} from the candidate's {len(values)} runs, {described}"
+            sigma, described = spread, (f"sigma {spread:.4f} from the candidate's {runs} paired differences, "
+                                        f"{described}")
+    scaled = "" if runs == 1 else f"/sqrt({runs})"
     if sigma is None:
         threshold, label = min_delta, "min_delta"
         prefix, suffix = f"{described}: ", ""
     else:
-        k_sigma = k * sigma
-        threshold, label = (k_sigma, f"{k:g} sigma") if k_sigma >= min_delta else (min_delta, "min_delta")
-        above = "" if label != "min_delta" else f"min_delta above {k:g} sigma = {k_sigma:.4f}; "
+        k_sigma = k * sigma / math.sqrt(runs)
+        threshold, label = ((k_sigma, f"{k:g} sigma{scaled}") if k_sigma >= min_delta else (min_delta, "min_delta"))
+        above = "" if label != "min_delta" else f"min_delta above {k:g} sigma{scaled} = {k_sigma:.4f}; "
         prefix, suffix = "", f" ({above}{described})"
 
     simplification = lines_removed > lines_added
-    line = -(1 - confirm_margin) * threshold
-    if len(values) == 1 and confirm_margin > 0 and not simplification and delta < line:
-        return Verdict("confirm", f"{prefix}{shown} < {line:+.4f} ({1 - confirm_margin:g} x -{label}), "
-                                  f"run it once more to confirm{suffix}", delta, threshold)
+    if runs < max_runs and confirm_margin > 0 and not simplification:
+        clear, near = -(1 + confirm_margin) * threshold, -(1 - confirm_margin) * threshold
+        if delta < clear:
+            return Verdict("keep", f"{prefix}{shown} < {clear:+.4f} ({1 + confirm_margin:g} x -{label}): "
+                                   f"clear on {runs} run{'' if runs == 1 else 's'}{suffix}", delta, threshold)
+        if delta < near:
+            return Verdict("confirm", f"{prefix}{shown} < {near:+.4f} ({1 - confirm_margin:g} x -{label}), "
+                                      f"run it once more to confirm{suffix}", delta, threshold)
     if delta < -threshold:
         return Verdict("keep", f"{prefix}{shown} < -{label} = -{threshold:.4f}{suffix}", delta, threshold)
     lines = f"simplification: {lines_removed} lines removed, {lines_added} added"

@@ -10,30 +10,26 @@ Needs prepared data for the cpu preset. Prints `key: value` lines; goal false_ke
 
 import argparse
 import itertools
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from judge_runs import BASE, FIRST_SEED, MeasureError, train  # noqa: E402
 
 from agent.judge import judge_greedy, judge_noise, noise_floor  # noqa: E402
-from agent.runner import default_timeout, run_training, training_env  # noqa: E402
 
-SEED = 42
+SEED = FIRST_SEED
 
 
-def run(seed, budget, scratch, index):
-    env = training_env(preset="cpu", time_budget=budget, seed=seed, run_dir=scratch / f"run{index}",
-                       cache=Path(os.environ["AUTORESEARCH_CACHE"]) if os.environ.get("AUTORESEARCH_CACHE") else None)
-    outcome = run_training(REPO, env, scratch / f"run{index}" / "train.log", default_timeout(budget, 120))
-    if outcome.status != "ok":
-        sys.exit(f"judge_null: run {index} (seed {seed}) failed: {outcome.reason}")
-    print(f"run_{index}: seed {seed} val_bpb {outcome.summary.val_bpb:.6f} steps {outcome.summary.get('num_steps')}",
-          flush=True)
-    return outcome.summary.val_bpb
+def run(seed, budget, index):
+    try:
+        measured = train(BASE, seed, budget)
+    except MeasureError as error:
+        sys.exit(f"judge_null: run {index}: {error}")
+    print(f"run_{index}: seed {seed} val_bpb {measured.val_bpb:.6f} steps {measured.num_steps}", flush=True)
+    return measured.val_bpb
 
 
 def false_keep_rates(same, other, k=2.0, confirm_margin=0.5):
@@ -61,10 +57,8 @@ def main():
     parser.add_argument("--other-seeds", type=int, default=4, help="runs with other seeds (baseline B)")
     parser.add_argument("--budget", type=float, default=20.0, help="training seconds per run")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
-        same = [run(SEED, args.budget, scratch, i) for i in range(args.same_seed)]
-        other = [run(SEED + 1 + i, args.budget, scratch, args.same_seed + i) for i in range(args.other_seeds)]
+    same = [run(SEED, args.budget, i) for i in range(args.same_seed)]
+    other = [run(SEED + 1 + i, args.budget, args.same_seed + i) for i in range(args.other_seeds)]
     noise, greedy, cases = false_keep_rates(same, other)
     print(f"runs: {len(same) + len(other)}")
     print(f"budget_seconds: {args.budget:g}")

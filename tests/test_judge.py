@@ -33,6 +33,38 @@ def test_noise_floor_leaves_out_failed_runs():
     assert floor.runs == 2
 
 
+def test_null_twins_give_the_paired_sigma():
+    # twin minus baseline, seed by seed: +0.03, -0.04, 0.00; mean square (0.0009 + 0.0016 + 0) / 3 = 0.00083333,
+    # sqrt 0.0288675. The cross-seed sigma of 1.00, 1.20, 1.10 is 0.1 and stays beside it.
+    floor = noise_floor([1.00, 1.20, 1.10], twins=[1.03, 1.16, 1.10])
+    assert floor.sigma == pytest.approx(0.1)
+    assert floor.paired == pytest.approx(0.0288675, rel=1e-5)
+    assert (floor.runs, floor.twins) == (3, 3)
+    assert floor.unit == floor.paired
+    assert floor.describe() == "paired sigma 0.0289 from 3 null twins"
+
+
+def test_one_twin_is_not_a_paired_sigma():
+    floor = noise_floor([1.00, 1.20], twins=[1.03])
+    assert (floor.paired, floor.twins) == (None, 0)
+    assert floor.unit == pytest.approx(0.1414213562)  # the cross-seed sigma stands in
+
+
+def test_failed_twins_are_left_out():
+    # the pair with a NaN twin drops out; +0.03 and -0.04 remain: sqrt((0.0009 + 0.0016) / 2) = 0.0353553
+    floor = noise_floor([1.00, 1.20, 1.10], twins=[1.03, 1.16, math.nan])
+    assert floor.paired == pytest.approx(0.0353553, rel=1e-5)
+    assert floor.twins == 2
+
+
+def test_the_bar_is_set_by_the_paired_sigma_when_twins_ran():
+    # cross-seed sigma 0.1 would set the bar at 0.2; the twins' paired sigma 0.0288675 sets it at 0.057735
+    floor = noise_floor([1.00, 1.20, 1.10], twins=[1.03, 1.16, 1.10])
+    verdict = judge_noise([0.94], [1.0], floor)
+    assert verdict.status == "keep"
+    assert verdict.reason == "-0.0600 < -2 sigma = -0.0577 (paired sigma 0.0289 from 3 null twins)"
+
+
 def test_keep_just_past_the_threshold():
     verdict = judge_noise([0.9899], [1.0], FLOOR)
     assert verdict.status == "keep"
@@ -80,9 +112,10 @@ def test_unknown_sigma_falls_back_to_min_delta():
     assert verdict.reason == "sigma unknown (1 baseline run): -0.0040 >= -min_delta = -0.0050"
 
 
-@pytest.mark.parametrize("value", [0.9915, 0.9899, 0.95])
+@pytest.mark.parametrize("value", [0.9915, 0.9899, 0.9881])
 def test_a_single_run_that_would_be_kept_or_nearly_is_confirmed(value):
-    # margin 0.2: the line is -(1 - 0.2) * 0.0100 = -0.0080; deltas -0.0085, -0.0101, -0.0500 are below it
+    # margin 0.2: confirm between -(1 - 0.2) * 0.0100 = -0.0080 and -(1 + 0.2) * 0.0100 = -0.0120;
+    # deltas -0.0085, -0.0101, -0.0119 lie between
     verdict = judge_noise([value], [1.0], FLOOR, confirm_margin=0.2)
     assert verdict.status == "confirm"
     assert "< -0.0080 (0.8 x -2 sigma), run it once more to confirm" in verdict.reason
@@ -92,14 +125,36 @@ def test_a_single_run_short_of_the_confirm_line_is_discarded_at_once():
     assert judge_noise([0.993], [1.0], FLOOR, confirm_margin=0.2).status == "discard"  # -0.0070 >= -0.0080
 
 
-def test_never_confirm_with_two_values():
-    short = judge_noise([0.9905, 0.9905], [1.0], FLOOR, confirm_margin=0.2)
-    assert short.status == "discard"
-    assert short.reason.startswith("-0.0095 (mean of 2 runs) >= -2 sigma = -0.0100")
-    # mean of 0.9870 and 0.9900 is 0.9885, delta -0.0115
-    past = judge_noise([0.987, 0.990], [1.0], FLOOR, confirm_margin=0.2)
+def test_a_single_run_past_the_clear_line_is_kept_at_once():
+    # margin 0.2: the clear line is -(1 + 0.2) * 0.0100 = -0.0120; delta -0.0121 is past it
+    verdict = judge_noise([0.9879], [1.0], FLOOR, confirm_margin=0.2)
+    assert verdict.status == "keep"
+    assert verdict.reason == "-0.0121 < -0.0120 (1.2 x -2 sigma): clear on 1 run (sigma 0.0050 from 2 baseline runs)"
+
+
+def test_the_bar_of_n_runs_is_k_sigma_over_sqrt_n():
+    # four paired differences of -0.0051 each: no spread, so sigma 0.005; bar 2 * 0.005 / sqrt(4) = 0.0050
+    kept = judge_noise([0.9949] * 4, [1.0] * 4, FLOOR, max_runs=4)
+    assert kept.status == "keep"
+    assert kept.threshold == pytest.approx(0.005)
+    assert kept.reason == "-0.0051 (mean of 4 runs) < -2 sigma/sqrt(4) = -0.0050 (sigma 0.0050 from 2 baseline runs)"
+    assert judge_noise([0.9951] * 4, [1.0] * 4, FLOOR, max_runs=4).status == "discard"
+
+
+def test_at_max_runs_the_bar_alone_decides():
+    # two runs, max_runs 2: no confirm however near; bar 2 * 0.005 / sqrt(2) = 0.0070711
+    near = judge_noise([0.9930, 0.9930], [1.0, 1.0], FLOOR, confirm_margin=0.5, max_runs=2)
+    assert near.status == "discard"
+    assert near.reason.startswith("-0.0070 (mean of 2 runs) >= -2 sigma/sqrt(2) = -0.0071")
+    past = judge_noise([0.9928, 0.9928], [1.0, 1.0], FLOOR, confirm_margin=0.5, max_runs=2)
     assert past.status == "keep"
-    assert past.reason.startswith("-0.0115 (mean of 2 runs) < -2 sigma = -0.0100")
+
+
+def test_a_second_run_can_ask_for_a_third():
+    # bar 0.0070711 on two runs; margin 0.5: confirm between -0.0035355 and -0.0106066; delta -0.0060
+    verdict = judge_noise([0.994, 0.994], [1.0, 1.0], FLOOR, confirm_margin=0.5, max_runs=3)
+    assert verdict.status == "confirm"
+    assert verdict.reason.startswith("-0.0060 (mean of 2 runs) < -0.0035 (0.5 x -2 sigma/sqrt(2)), run it once more")
 
 
 def test_without_a_margin_there_is_no_confirm():
@@ -137,19 +192,30 @@ def test_a_simplification_is_decided_on_one_run():
     assert "+0.0095 within 2 sigma = 0.0100" in verdict.reason
 
 
-def test_the_candidates_own_spread_raises_the_bar_when_larger():
-    # stdev(0.97, 0.99) = 0.01414 > 0.005: threshold 2 * 0.01414 = 0.0283; mean 0.98 gives -0.0200
-    verdict = judge_noise([0.97, 0.99], [1.0], FLOOR, confirm_margin=0.2)
+def test_the_candidates_own_paired_spread_raises_the_bar_when_larger():
+    # paired differences -0.03 and -0.01: stdev 0.014142 > 0.005; bar 2 * 0.014142 / sqrt(2) = 0.0200;
+    # their mean -0.0200 is not below it
+    verdict = judge_noise([0.97, 0.99], [1.0, 1.0], FLOOR, max_runs=2)
     assert verdict.status == "discard"
-    assert verdict.reason == ("-0.0200 (mean of 2 runs) >= -2 sigma = -0.0283 (sigma 0.0141 from the "
-                              "candidate's 2 runs, sigma 0.0050 from 2 baseline runs)")
+    assert verdict.reason == ("-0.0200 (mean of 2 runs) >= -2 sigma/sqrt(2) = -0.0200 (sigma 0.0141 from the "
+                              "candidate's 2 paired differences, sigma 0.0050 from 2 baseline runs)")
+
+
+def test_the_spread_is_of_paired_differences_not_of_values():
+    # values 0.97 and 1.01 spread by 0.028, but each is 0.02 below its seed's best: differences do not spread
+    verdict = judge_noise([0.97, 1.01], [0.99, 1.03], FLOOR, max_runs=2)
+    assert verdict.status == "keep"
+    assert verdict.reason == "-0.0200 (mean of 2 runs) < -2 sigma/sqrt(2) = -0.0071 (sigma 0.0050 from 2 baseline runs)"
 
 
 def test_the_candidates_spread_stands_in_for_an_unknown_sigma():
-    # one baseline: sigma unknown; stdev(0.97, 0.99) = 0.01414, 2 sigma = 0.0283 above min_delta 0.005
-    verdict = judge_noise([0.97, 0.99], [1.0], NoiseFloor(None, 1), min_delta=0.005)
+    # one baseline run: sigma unknown; best [1.0] is shorter than the two values, so the second run is compared
+    # with the best's mean: differences -0.03 and -0.01, stdev 0.014142, bar 2 * 0.014142 / sqrt(2) = 0.0200
+    verdict = judge_noise([0.97, 0.99], [1.0], NoiseFloor(None, 1), min_delta=0.005, max_runs=2)
     assert verdict.status == "discard"
-    assert "-2 sigma = -0.0283 (sigma 0.0141 from the candidate's 2 runs, sigma unknown (1 baseline run))" in verdict.reason
+    assert verdict.reason == ("-0.0200 (mean of 2 runs, 1 paired with the best's, the rest with its mean) "
+                              ">= -2 sigma/sqrt(2) = -0.0200 (sigma 0.0141 from the candidate's 2 paired "
+                              "differences, sigma unknown (1 baseline run))")
 
 
 @pytest.mark.parametrize("values", [[math.nan], [math.inf], [0.98, math.nan]])
@@ -183,10 +249,11 @@ def test_judges_take_the_same_arguments_and_differ_inside_the_noise():
 
 
 def test_runs_are_paired_with_the_best_on_the_same_seeds():
-    # seed-by-seed: (0.98 - 1.00) and (0.99 - 0.97) cancel; the best's third run has no partner yet
+    # seed-by-seed: (0.98 - 1.00) and (0.99 - 0.97) cancel; the best's third run has no partner yet.
+    # differences -0.02 and +0.02: stdev 0.028284, bar 2 * 0.028284 / sqrt(2) = 0.0400
     verdict = judge_noise([0.98, 0.99], [1.00, 0.97, 1.5], FLOOR)
     assert verdict.delta == pytest.approx(0.0)
-    assert verdict.threshold == pytest.approx(0.0141421356, rel=1e-6)  # 2 x the pair's own spread 0.00707
+    assert verdict.threshold == pytest.approx(0.04)
     assert verdict.status == "discard"
 
 
