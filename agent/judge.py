@@ -40,7 +40,7 @@ class NoiseFloor:
     def unit(self) -> float | None:
         """The noise of one seed-paired difference: measured on the twins when they ran, else the cross-seed
         sigma (which one badly trained seed can inflate far above the paired noise)."""
-        return self.paired if self.paired is not None else self.sigma
+        return self.paired if self.paired else self.sigma  # twins that repeat the baselines exactly measure nothing
 
     def describe(self) -> str:
         if self.paired is not None:

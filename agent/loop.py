@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from pydantic import ValidationError  # noqa: E402
 
-from agent.backlog import BacklogItem, load_backlog  # noqa: E402
+from agent.backlog import Assignment, BacklogItem, load_backlog  # noqa: E402
 from agent.branch import ExperimentBranch, remove_tag, require_clean, tag_footprint  # noqa: E402
 from agent.config import DEMO_BACKLOG, DEMO_BUDGET, DEMO_EXPERIMENTS, DEMO_TAG, LoopConfig, default_tag  # noqa: E402
 from agent.github_backlog import backlog_file  # noqa: E402
@@ -44,12 +44,14 @@ from agent.ledger import Ledger  # noqa: E402
 from agent.limits import BacklogExhausted, Limits  # noqa: E402
 from agent.lock import TagBusy, TagLock, busy_tags  # noqa: E402
 from agent.probe import Probe, ProbeError, Reference, contention, probe_ratio, wait_until_quiet  # noqa: E402
+from agent.train_constants import ConstantEditError, read_constant, set_constants  # noqa: E402
 from agent.proposer import BacklogProposer, Proposal, Proposer, ProposerState, Skip, usage_columns  # noqa: E402
 from agent.runner import RunOutcome, default_timeout, kill_stale, run_training, training_env  # noqa: E402
 from agent.stops import LoopStop, UserError  # noqa: E402
 from agent.view import View, make_view  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TWIN = "twin"  # the ledger's experiment name for a null twin of a baseline
 
 
 @dataclass(frozen=True)
@@ -169,12 +171,14 @@ class Loop:
         best_row = next((r for r in reversed(rows) if r["status"] == "keep" and r["experiment"] != "baseline"),
                         self.baselines[0] if self.baselines else None)
         self.best_test = float(best_row["test_bpb"]) if best_row and best_row["test_bpb"] else None  # its first run's
-        self.floor: NoiseFloor = noise_floor([float(r["val_bpb"]) for r in self.baselines])
+        self.twins = [r for r in rows if r["experiment"] == TWIN and r["status"] == "discard"]
+        self.floor: NoiseFloor = noise_floor([float(r["val_bpb"]) for r in self.baselines],
+                                             [float(r["val_bpb"]) for r in self.twins])
         first = self.baselines[0] if self.baselines else {}
         self.reference = (Reference(float(first["probe_seconds"]), float(first["cpu_per_second"]) if first["cpu_per_second"] else None)
                           if first.get("probe_seconds") else None)  # the machine as the first baseline found it
         # a contended experiment measured the load, not the change: it runs again
-        self.done = {r["experiment"] for r in rows if r["experiment"] != "baseline" and r["status"] != "contended"}
+        self.done = {r["experiment"] for r in rows if r["experiment"] not in ("baseline", TWIN) and r["status"] != "contended"}
 
     # -- one run of train.py -----------------------------------------------------------------
 
@@ -319,6 +323,47 @@ class Loop:
                 raise UserError(self.baseline_failure(outcome, problem))
             self.record(dict(row, status="keep", reason=f"baseline run {index + 1} (seed {seed})"))
             self.derive(self.rows())
+        self.run_twins()
+
+    def run_twins(self) -> None:
+        """Null twins: the baseline with a null edit (MATRIX_LR x 1.0001: the trajectory changes, the expected
+        result does not) on the baselines' seeds. Twin minus baseline, seed by seed, is what a change that does
+        not help looks like to the paired judge: its sigma."""
+        wanted = min(self.config.null_twins, len(self.baselines))
+        if len(self.twins) >= wanted or self.done:
+            return
+        base = self.branch.read("train.py", self.base_commit)
+        try:
+            twin = set_constants(base, [Assignment("MATRIX_LR", f"({read_constant(base, 'MATRIX_LR')}) * 1.0001")])
+        except ConstantEditError as e:
+            self.view.note(f"no null twins, so the judge's sigma is the baselines' cross-seed one: {e}")
+            return
+        sha = (self._full_sha(self.twins[0]["commit"]) if self.twins else
+               self.branch.commit(f"{TWIN}: MATRIX_LR x 1.0001, a null edit that measures the paired noise", {"train.py": twin}))
+        self.branch.reset(sha)
+        try:
+            while len(self.twins) < wanted:
+                index = len(self.twins)
+                seed = self.config.seed + index
+                name = f"{len(self.rows()) + 1:03d}-{TWIN}"
+                run = self.train(name, f"null twin {index + 1}/{wanted} of baseline {index + 1} (seed {seed})", seed)
+                row = dict(commit=sha[:7], experiment=TWIN, seed=seed, parent=self.base_commit[:7],
+                           description=f"null twin {index + 1}/{wanted}: MATRIX_LR x 1.0001", **self.measured([run]))
+                self.branch.keep_ref(sha, name)
+                if run.contended:
+                    self.record(dict(row, status="contended", reason=self.contended_reason(run)))
+                    raise LoopStop(f"a null twin never had the machine to itself ({run.contended}); stop what else "
+                                   f"is running, then run again.")
+                if run.outcome.status != "ok" or run.problem:
+                    self.record(dict(row, status="invalid" if run.problem else run.outcome.status,
+                                     reason=run.problem or run.outcome.reason))
+                    self.stop_if_untrusted()
+                    raise UserError(self.baseline_failure(run.outcome, run.problem))
+                self.record(dict(row, status="discard", reason=f"null twin of baseline {index + 1} (seed {seed}): "
+                                                               f"measures the paired noise, never a candidate"))
+                self.derive(self.rows())
+        finally:
+            self.branch.reset(self.base_commit)
 
     def baseline_failure(self, outcome: RunOutcome, problem: str | None) -> str:
         """What to do about a failed baseline: the cause lies in train.py only when the branch changed it."""
@@ -494,8 +539,8 @@ class Loop:
 
     def judge(self, values: list[float], best: list[float], added: int, removed: int) -> Verdict:
         c = self.config
-        return JUDGES[c.judge](values, best, self.floor, k=c.k, min_delta=c.min_delta or 0.0,
-                               lines_added=added, lines_removed=removed, confirm_margin=c.confirm_margin)
+        return JUDGES[c.judge](values, best, self.floor, k=c.k, min_delta=c.min_delta or 0.0, lines_added=added,
+                               lines_removed=removed, confirm_margin=c.confirm_margin, max_runs=c.max_runs)
 
 
 @dataclass(frozen=True)
@@ -560,9 +605,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-hours", type=float, help="start no experiment after this many hours")
     p.add_argument("--time-budget", type=float, help="training seconds per run (default: the preset's)")
     p.add_argument("--preset", choices=["cpu", "gpu"], help="default: gpu when CUDA is available, else cpu")
-    p.add_argument("--baseline-repeats", type=int, default=2, help="baseline runs, different seeds: the noise floor")
+    p.add_argument("--null-twins", type=int, default=3,
+                   help="runs of the baseline with MATRIX_LR x 1.0001 on the baselines' seeds: the paired noise (0: none)")
+    p.add_argument("--baseline-repeats", type=int, default=3, help="baseline runs, different seeds: the noise floor")
     p.add_argument("--judge", choices=["noise", "greedy"], default="noise")
-    p.add_argument("--k", type=float, default=2.0, help="sigmas a candidate must beat the best by")
+    p.add_argument("--k", type=float, default=2.5, help="sigmas a candidate must beat the best by (the bar is k sigma / sqrt(runs))")
     p.add_argument("--min-delta", type=float, help="smallest improvement worth keeping (needed with --baseline-repeats 1)")
     p.add_argument("--confirm-margin", type=float, default=0.5,
                    help="re-run every would-be keep and near misses within this fraction of the threshold (0: never)")
@@ -610,7 +657,7 @@ def build_config(args: argparse.Namespace, argv: list[str] | None = None) -> Loo
             max_experiments=args.max_experiments if args.max_experiments is not None else (DEMO_EXPERIMENTS if args.demo else None),
             max_hours=args.max_hours, preset=preset,
             time_budget=args.time_budget or (DEMO_BUDGET if args.demo else None),
-            baseline_repeats=args.baseline_repeats, judge=args.judge, k=args.k, min_delta=args.min_delta,
+            baseline_repeats=args.baseline_repeats, null_twins=args.null_twins, judge=args.judge, k=args.k, min_delta=args.min_delta,
             confirm_margin=args.confirm_margin, max_runs=args.max_runs, max_crashes=args.max_crashes,
             contention_tolerance=args.contention_tolerance, contention_retries=args.contention_retries,
             contention_wait=args.contention_wait, repair_attempts=args.repair_attempts,

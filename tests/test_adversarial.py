@@ -348,7 +348,7 @@ def adversarial(prepared_builtin, tmp_path_factory) -> AdversarialRun:
         started = time.monotonic()
         result = subprocess.run(
             [sys.executable, "agent/loop.py", "--proposer", "claude", "--tag", TAG, "--backlog", str(backlog),
-             "--preset", "cpu", "--time-budget", str(TIME_BUDGET), "--baseline-repeats", "1", "--min-delta", "0",
+             "--preset", "cpu", "--time-budget", str(TIME_BUDGET), "--baseline-repeats", "1", "--null-twins", "0", "--min-delta", "0",
              "--confirm-margin", "0", "--max-crashes", "10", "--max-experiments", str(len(EXPERIMENTS_THAT_RUN)),
              "--max-cost", "100"],
             cwd=repo, env=env, capture_output=True, text=True, timeout=2400)

@@ -98,3 +98,30 @@ def test_a_quiet_machine_leaves_every_run_alone(project: Project):
     assert "not judged" not in result.stdout
     for row in rows:
         assert float(row["probe_seconds"]) > 0 and float(row["probe_ratio"]) <= 1.10
+
+
+def test_null_twins_run_once_on_the_baselines_seeds_and_never_move_the_branch(project: Project):
+    backlog = project.backlog(NS_1)
+
+    result = project.loop("--tag", TAG, "--backlog", backlog, *FAST, "--baseline-repeats", "3", "--null-twins", "3",
+                          "--k", "2.5")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = project.rows()
+    assert [(r["experiment"], r["status"], r["seed"]) for r in rows] == [
+        ("baseline", "keep", "42"), ("baseline", "keep", "43"), ("baseline", "keep", "44"),
+        ("twin", "discard", "42"), ("twin", "discard", "43"), ("twin", "discard", "44"), ("NS-1", "keep", "42")]
+    base, twin = project.sha(rows[0]["commit"]), project.sha(rows[3]["commit"])
+    assert {r["commit"] for r in rows[3:6]} == {rows[3]["commit"]} and twin != base
+    assert project.git("log", "-1", "--format=%P", twin) == base
+    diff = project.git("diff", base, twin, "--", "train.py")
+    assert "-MATRIX_LR = 0.04" in diff and "+MATRIX_LR = (0.04) * 1.0001" in diff
+    assert all("null twin of baseline" in r["reason"] for r in rows[3:6])
+    assert project.git("log", "-1", "--format=%P", project.branch()) == base  # NS-1 kept on the base, not the twin
+    # The stand-in's val_bpb ignores MATRIX_LR, so its twins repeat the baselines exactly and measure nothing:
+    # the judge falls back to the baselines' cross-seed sigma and says so.
+    assert "from 3 baseline runs" in rows[6]["reason"], rows[6]["reason"]
+
+    resumed = project.loop("--tag", TAG, "--backlog", backlog, *FAST, "--baseline-repeats", "3", "--null-twins", "3")
+
+    assert resumed.returncode == 0 and len(project.rows()) == 7, resumed.stdout  # nothing runs twice

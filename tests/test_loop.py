@@ -39,8 +39,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FAKE_TRAIN = Path(__file__).resolve().parent / "fakes" / "train.py"
 TAG = "t"
 # A noisy shared machine must not turn these tests' runs contended: tests/test_fair_runs.py tests the default tolerance.
+# Two baselines, no null twins and k 2 keep these tests' arithmetic on the fake's known values (see NS_1 below).
 FAST = ("--preset", "cpu", "--time-budget", "1", "--confirm-margin", "0", "--contention-tolerance", "0.5",
-        "--contention-wait", "0.2")
+        "--contention-wait", "0.2", "--baseline-repeats", "2", "--null-twins", "0", "--k", "2")
 PLAIN_LINE = re.compile(r"^\[\d\d:\d\d:\d\d (?P<tag>\S+)\] (?P<text>.*)$")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
