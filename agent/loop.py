@@ -344,8 +344,8 @@ class Loop:
         keeps = [r for r in self.rows() if r["status"] == "keep" and r["experiment"] != "baseline"]
         best = keeps[-1] if keeps else self.baselines[0]  # the baseline run with the candidates' seed
         noise = gap_noise([(float(r["val_bpb"]), float(r["test_bpb"])) for r in self.baselines])
-        return val_test_problem(float(best["val_bpb"]) - verified["val_bpb"],
-                                float(best["test_bpb"]) - verified["test_bpb"], noise, self.config.k)
+        return val_test_problem((float(best["val_bpb"]), float(best["test_bpb"])),
+                                (verified["val_bpb"], verified["test_bpb"]), noise, self.config.k)
 
     def finish(self, name: str, sha: str, parent: str, row: dict[str, object]) -> None:
         """Keep the commit under a ref, record the row, then advance the best or go back to it."""
