@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import shutil
 from itertools import islice
 from pathlib import Path
@@ -221,8 +222,13 @@ def test_the_loop_scores_test_and_refuses_a_val_gain_that_test_does_not_match(ma
         assert float(row["test_bpb"]) > 0, row  # every baseline and every would-be keep is scored on test
     noise = gap_noise([(float(r["val_bpb"]), float(r["test_bpb"])) for r in baselines])
     best = (float(baselines[0]["val_bpb"]), float(baselines[0]["test_bpb"]))
-    assert cheat["reason"].startswith(val_test_problem(best, (float(cheat["val_bpb"]), float(cheat["test_bpb"])), noise, 2.0)
-                                      + " (the judge would have kept it: "), cheat["reason"]
+    reason = re.fullmatch(r"val-vs-test: val_bpb improved by ([\d.]+) \(log ratio [\d.]+\) but test_bpb by ([\d.]+) "
+                          r"\(log ratio [\d.]+\), more than 2 x ([\d.]+) \(the baselines' log val/test gap noise\) short; "
+                          r"the gain on val does not carry to test \(the judge would have kept it: .*\)", cheat["reason"])
+    assert reason, cheat["reason"]
+    assert float(reason.group(1)) == pytest.approx(best[0] - float(cheat["val_bpb"]), abs=2e-4)
+    assert float(reason.group(2)) == pytest.approx(best[1] - float(cheat["test_bpb"]), abs=2e-4)
+    assert float(reason.group(3)) == pytest.approx(noise, abs=1e-4)
     assert math.log(best[0] / float(cheat["val_bpb"])) > math.log(best[1] / float(cheat["test_bpb"])) + 0.05
     honest_gains = math.log(best[0] / float(honest["val_bpb"])), math.log(best[1] / float(honest["test_bpb"]))
     assert honest_gains[0] > 0.1 and honest_gains[1] > honest_gains[0] - 2 * noise
