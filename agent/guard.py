@@ -46,7 +46,7 @@ FORBIDDEN_CALLS = frozenset({"exec", "eval", "compile", "__import__", "globals",
 FORBIDDEN_STRINGS = ("val.parquet", "test.parquet", "prepared.json", "token_bytes.pt", "shard_06542", "shard_06541",
                      "AUTORESEARCH_CACHE")
 # Ways to run another program, which could read the data with no name the check would see.
-PROGRAM_RUNNING_CALLS = frozenset({"os.system", "os.popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.posix_spawnp"})
+PROGRAM_RUNNING_CALLS = frozenset({"os.system", "os.popen", "os.posix_spawn", "os.posix_spawnp"})
 PROGRAM_RUNNING_PREFIXES = ("os.exec", "os.spawn")
 # The val-vs-test rule's noise (of log val_bpb - log test_bpb) is never taken below this: two
 # baselines can agree by chance, and one measures nothing. 0.002 is 0.2 %, ~0.006 bpb at 3 bpb.
