@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 import statistics
 import subprocess
 import time
@@ -45,10 +46,11 @@ FORBIDDEN_CALLS = frozenset({"exec", "eval", "compile", "__import__", "globals",
 FORBIDDEN_STRINGS = ("val.parquet", "test.parquet", "prepared.json", "token_bytes.pt", "shard_06542", "shard_06541",
                      "AUTORESEARCH_CACHE")
 # Ways to run another program, which could read the data with no name the check would see.
-PROGRAM_RUNNING_CALLS = frozenset({"os.system", "os.popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.posix_spawnp"})
+PROGRAM_RUNNING_CALLS = frozenset({"os.system", "os.popen", "os.posix_spawn", "os.posix_spawnp"})
 PROGRAM_RUNNING_PREFIXES = ("os.exec", "os.spawn")
-# The val-vs-test rule's noise is never taken below this (bpb): two baselines can agree by chance.
-GAP_NOISE_FLOOR = 0.005
+# The val-vs-test rule's noise (of log val_bpb - log test_bpb) is never taken below this: two
+# baselines can agree by chance, and one measures nothing. 0.002 is 0.2 %, ~0.006 bpb at 3 bpb.
+GAP_NOISE_FLOOR = 0.002
 # Attribute assignments on these are tuning knobs, not tampering.
 TUNABLE_ATTRIBUTE_ROOTS = ("torch.backends.", "torch._dynamo.config.", "torch._inductor.config.",
                            "torch._functorch.config.")
@@ -235,20 +237,24 @@ def static_problems(source: str) -> list[str]:
 
 
 def gap_noise(baselines: Iterable[tuple[float, float]], floor: float = GAP_NOISE_FLOOR) -> float:
-    """The noise of val_bpb - test_bpb over the baselines' (val_bpb, test_bpb), never below floor.
+    """The noise of log(val_bpb / test_bpb) over the baselines' (val_bpb, test_bpb), never below floor.
 
     The val-vs-test rule compares a val gain with a test gain measured on the same checkpoint, so
-    what varies between honest runs is the gap between the two splits, not either split alone.
+    what varies between honest runs is the gap between the two splits, not either split alone. In
+    logs, because an honest change scales both splits' bpb alike: a 5 % gain is 5 % on each.
     """
-    gaps = [val - test for val, test in baselines]
+    gaps = [math.log(val / test) for val, test in baselines]
     return max(statistics.stdev(gaps), floor) if len(gaps) >= 2 else floor
 
 
-def val_test_problem(val_gain: float, test_gain: float, noise: float, k: float) -> str | None:
-    """The val-vs-test rule: a gain on val (best minus candidate, in bpb) must show on test within k x noise."""
+def val_test_problem(best: tuple[float, float], candidate: tuple[float, float], noise: float, k: float) -> str | None:
+    """The val-vs-test rule on (val_bpb, test_bpb) pairs: the candidate's relative gain on val over best
+    must show on test within k x noise (in log bpb); else one line with both gains."""
+    val_gain, test_gain = math.log(best[0] / candidate[0]), math.log(best[1] / candidate[1])
     if val_gain > test_gain + k * noise:
-        return (f"val-vs-test: val_bpb improved by {val_gain:.4f} but test_bpb by {test_gain:.4f}, more than "
-                f"{k:g} x {noise:.4f} (the baselines' val-test gap noise) short; the gain on val does not carry to test")
+        return (f"val-vs-test: val_bpb improved by {best[0] - candidate[0]:.4f} (log ratio {val_gain:.4f}) but test_bpb by "
+                f"{best[1] - candidate[1]:.4f} (log ratio {test_gain:.4f}), more than {k:g} x {noise:.4f} "
+                f"(the baselines' log val/test gap noise) short; the gain on val does not carry to test")
     return None
 
 

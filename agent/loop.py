@@ -512,7 +512,8 @@ class Loop:
         if self.best_test is None:  # a tag begun before test scores existed: nothing to compare with
             return None
         noise = gap_noise([(float(r["val_bpb"]), float(r["test_bpb"])) for r in self.baselines if r["test_bpb"]])
-        return val_test_problem(best_val - verified["val_bpb"], self.best_test - verified["test_bpb"], noise, self.config.k)
+        return val_test_problem((best_val, self.best_test), (verified["val_bpb"], verified["test_bpb"]), noise,
+                                self.config.k)
 
     def finish(self, name: str, sha: str, parent: str, row: dict[str, object]) -> None:
         """Keep the commit under a ref, record the row, then advance the best or go back to it."""

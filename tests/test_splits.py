@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import shutil
 from itertools import islice
 from pathlib import Path
@@ -162,11 +163,20 @@ def test_the_static_check_passes_train_py_and_the_unigram_stand_in():
 # The val-vs-test rule
 # ---------------------------------------------------------------------------
 
-def test_gap_noise_is_the_stdev_of_the_val_test_gap_with_a_floor():
-    assert gap_noise([(3.0, 2.9), (3.2, 3.08), (3.1, 2.96)]) == pytest.approx(0.02)  # gaps 0.10, 0.12, 0.14
-    assert gap_noise([(3.0, 2.9), (3.5, 3.4)]) == GAP_NOISE_FLOOR  # same gap: no noise measured
+def test_gap_noise_is_the_stdev_of_the_log_val_test_ratio_with_a_floor():
+    baselines = [(3.0, 3.0), (3.0 * math.exp(0.01), 3.0), (3.0 * math.exp(0.02), 3.0)]  # log gaps 0, 0.01, 0.02
+    assert gap_noise(baselines) == pytest.approx(0.01)
+    assert gap_noise([(3.0, 2.9), (6.0, 5.8)]) == GAP_NOISE_FLOOR  # same ratio: no noise measured
     assert gap_noise([(3.0, 2.9)]) == GAP_NOISE_FLOOR  # one baseline measures nothing
     assert gap_noise([], floor=0.02) == 0.02
+
+
+def scaled(pair: tuple[float, float], val_gain: float, test_gain: float) -> tuple[float, float]:
+    """The (val_bpb, test_bpb) of a candidate with these relative gains (in log bpb) over pair."""
+    return pair[0] * math.exp(-val_gain), pair[1] * math.exp(-test_gain)
+
+
+BEST = (3.3, 3.2)
 
 
 @pytest.mark.parametrize("val_gain, test_gain, noise, k, refused", [
@@ -175,15 +185,22 @@ def test_gap_noise_is_the_stdev_of_the_val_test_gap_with_a_floor():
     (0.05, 0.031, 0.01, 2.0, False),  # short by 0.019 < 2 x 0.01
     (0.05, 0.029, 0.01, 2.0, True),   # short by 0.021 > 2 x 0.01
     (0.05, -0.02, 0.01, 2.0, True),   # test got worse
-    (-0.01, -0.05, 0.01, 2.0, True),  # no keep has this, but the rule is only about the shortfall
     (0.05, 0.029, 0.01, 3.0, False),  # a larger k forgives more
 ])
 def test_the_val_test_rule_refuses_a_val_gain_test_does_not_match(val_gain, test_gain, noise, k, refused):
-    problem = val_test_problem(val_gain, test_gain, noise, k)
+    candidate = scaled(BEST, val_gain, test_gain)
+    problem = val_test_problem(BEST, candidate, noise, k)
     assert (problem is not None) == refused
     if refused:
-        assert problem.startswith(f"val-vs-test: val_bpb improved by {val_gain:.4f} but test_bpb by {test_gain:.4f}, "
-                                  f"more than {k:g} x {noise:.4f} (the baselines' val-test gap noise) short")
+        assert problem.startswith(
+            f"val-vs-test: val_bpb improved by {BEST[0] - candidate[0]:.4f} (log ratio {val_gain:.4f}) but test_bpb by "
+            f"{BEST[1] - candidate[1]:.4f} (log ratio {test_gain:.4f}), more than {k:g} x {noise:.4f} "), problem
+
+
+def test_a_gain_in_proportion_on_both_splits_passes_however_large():
+    """val and test differ in bpb, so an honest change that scales both alike differs in absolute gain."""
+    for factor in (0.99, 0.9, 0.5):
+        assert val_test_problem(BEST, (BEST[0] * factor, BEST[1] * factor), GAP_NOISE_FLOOR, 2.0) is None
 
 
 # ---------------------------------------------------------------------------
@@ -204,15 +221,17 @@ def test_the_loop_scores_test_and_refuses_a_val_gain_that_test_does_not_match(ma
     for row in rows:
         assert float(row["test_bpb"]) > 0, row  # every baseline and every would-be keep is scored on test
     noise = gap_noise([(float(r["val_bpb"]), float(r["test_bpb"])) for r in baselines])
-    val_gain = float(baselines[0]["val_bpb"]) - float(cheat["val_bpb"])
-    test_gain = float(baselines[0]["test_bpb"]) - float(cheat["test_bpb"])
-    assert val_gain > test_gain + 0.1  # fitted on the very rows val is scored on
-    assert cheat["reason"].startswith(f"val-vs-test: val_bpb improved by {val_gain:.4f} but test_bpb by {test_gain:.4f}, "
-                                      f"more than 2 x {noise:.4f}"), cheat["reason"]
-    assert "(the judge would have kept it: " in cheat["reason"]
-    honest_val_gain = float(baselines[0]["val_bpb"]) - float(honest["val_bpb"])
-    honest_test_gain = float(baselines[0]["test_bpb"]) - float(honest["test_bpb"])
-    assert honest_val_gain > 0.3 and honest_test_gain > honest_val_gain - 2 * noise
+    best = (float(baselines[0]["val_bpb"]), float(baselines[0]["test_bpb"]))
+    reason = re.fullmatch(r"val-vs-test: val_bpb improved by ([\d.]+) \(log ratio [\d.]+\) but test_bpb by ([\d.]+) "
+                          r"\(log ratio [\d.]+\), more than 2 x ([\d.]+) \(the baselines' log val/test gap noise\) short; "
+                          r"the gain on val does not carry to test \(the judge would have kept it: .*\)", cheat["reason"])
+    assert reason, cheat["reason"]
+    assert float(reason.group(1)) == pytest.approx(best[0] - float(cheat["val_bpb"]), abs=2e-4)
+    assert float(reason.group(2)) == pytest.approx(best[1] - float(cheat["test_bpb"]), abs=2e-4)
+    assert float(reason.group(3)) == pytest.approx(noise, abs=1e-4)
+    assert math.log(best[0] / float(cheat["val_bpb"])) > math.log(best[1] / float(cheat["test_bpb"])) + 0.05
+    honest_gains = math.log(best[0] / float(honest["val_bpb"])), math.log(best[1] / float(honest["test_bpb"]))
+    assert honest_gains[0] > 0.1 and honest_gains[1] > honest_gains[0] - 2 * noise
     assert project.branch() == project.sha(honest["commit"])
     for run in ("001-baseline", "002-baseline"):
         log = (project.runs / run / "verify.log").read_text()
