@@ -21,7 +21,7 @@ WORKLOADS = {
     "cpu": (512, torch.float32, 8),  # about 60 ms a repeat on 2 idle cores, all of torch's threads
     "cuda": (4096, torch.float16, 50),  # about 10 ms a repeat on an H100-class GPU
 }
-REPEATS = 5  # timed repeats per probe; the caller takes the minimum, so one hiccup does not count
+REPEATS = 10  # timed repeats per probe; the caller takes the minimum, so a few hiccups do not count
 
 
 def time_repeats(a: torch.Tensor, b: torch.Tensor, matmuls: int, synchronize) -> list[float]:
