@@ -33,14 +33,14 @@ from prepare import (MAX_SEQ_LEN, PRESET, TIME_BUDGET, PrepareError, Tokenizer, 
 # ---------------------------------------------------------------------------
 
 # Model shape, per preset
-DEPTH = {"gpu": 8, "cpu": 4}[PRESET]                  # transformer blocks
+DEPTH = {"gpu": 8, "cpu": 3}[PRESET]                  # transformer blocks
 ASPECT_RATIO = {"gpu": 64, "cpu": 32}[PRESET]         # model_dim = DEPTH * ASPECT_RATIO, rounded up to HEAD_DIM
 HEAD_DIM = {"gpu": 128, "cpu": 32}[PRESET]            # attention head size
 WINDOW_PATTERN = {"gpu": "SSSL", "cpu": "L"}[PRESET]  # per layer: L = full context, S = half; the last layer is L
 
 # Batch, per preset
 TOTAL_BATCH_SIZE = {"gpu": 2**19, "cpu": 2**10}[PRESET]  # tokens per optimizer step
-DEVICE_BATCH_SIZE = {"gpu": 128, "cpu": 4}[PRESET]       # rows per forward/backward; accumulation makes up the rest
+DEVICE_BATCH_SIZE = {"gpu": 128, "cpu": 8}[PRESET]       # rows per forward/backward; accumulation makes up the rest
 EVAL_BATCH_SIZE = {"gpu": 64, "cpu": 16}[PRESET]         # rows per evaluation forward
 
 # Optimization
