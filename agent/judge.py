@@ -66,12 +66,14 @@ def noise_floor(values: Sequence[float], twins: Sequence[float] = ()) -> NoiseFl
 class Verdict:
     """What to do with a candidate, and why in numbers; 'confirm' asks for one more run first, on the next
     seed. `delta` is the (paired) mean difference to the best, `threshold` the bar: a keep needs
-    delta < -threshold (None when the rule has no bar, or the values were not finite)."""
+    delta < -threshold (None when the rule has no bar, or the values were not finite); `sigma` is the
+    noise of one paired difference the bar was built from (None when unknown or unused)."""
 
     status: Literal["keep", "discard", "confirm"]
     reason: str
     delta: float | None = None
     threshold: float | None = None
+    sigma: float | None = None
 
 
 def paired_delta(values: Sequence[float], best: Sequence[float]) -> float:
@@ -148,18 +150,18 @@ def judge_noise(
         clear, near = -(1 + confirm_margin) * threshold, -(1 - confirm_margin) * threshold
         if delta < clear:
             return Verdict("keep", f"{prefix}{shown} < {clear:+.4f} ({1 + confirm_margin:g} x -{label}): "
-                                   f"clear on {runs} run{'' if runs == 1 else 's'}{suffix}", delta, threshold)
+                                   f"clear on {runs} run{'' if runs == 1 else 's'}{suffix}", delta, threshold, sigma)
         if delta < near:
             return Verdict("confirm", f"{prefix}{shown} < {near:+.4f} ({1 - confirm_margin:g} x -{label}), "
-                                      f"run it once more to confirm{suffix}", delta, threshold)
+                                      f"run it once more to confirm{suffix}", delta, threshold, sigma)
     if delta < -threshold:
-        return Verdict("keep", f"{prefix}{shown} < -{label} = -{threshold:.4f}{suffix}", delta, threshold)
+        return Verdict("keep", f"{prefix}{shown} < -{label} = -{threshold:.4f}{suffix}", delta, threshold, sigma)
     lines = f"simplification: {lines_removed} lines removed, {lines_added} added"
     if simplification and delta <= threshold:
-        return Verdict("keep", f"{prefix}{lines}, {shown} within {label} = {threshold:.4f}{suffix}", delta, threshold)
+        return Verdict("keep", f"{prefix}{lines}, {shown} within {label} = {threshold:.4f}{suffix}", delta, threshold, sigma)
     if simplification:
-        return Verdict("discard", f"{prefix}{lines}, but {shown} > {label} = {threshold:.4f}{suffix}", delta, threshold)
-    return Verdict("discard", f"{prefix}{shown} >= -{label} = -{threshold:.4f}{suffix}", delta, threshold)
+        return Verdict("discard", f"{prefix}{lines}, but {shown} > {label} = {threshold:.4f}{suffix}", delta, threshold, sigma)
+    return Verdict("discard", f"{prefix}{shown} >= -{label} = -{threshold:.4f}{suffix}", delta, threshold, sigma)
 
 
 def judge_greedy(values: Sequence[float], best: Sequence[float], floor: NoiseFloor | None = None,

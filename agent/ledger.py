@@ -1,4 +1,5 @@
-"""The ledger `experiments.tsv`: one tab-separated row per run, append-only, each row fsynced.
+"""The ledger `experiments.tsv`: one tab-separated row per experiment (a baseline run and a null twin are
+experiments of their own), every metric the mean over the row's `runs`; append-only, each row fsynced.
 
 The first five columns are karpathy/autoresearch's results.tsv columns with the same meaning, so its
 analysis notebook still reads the file. The loop may be killed mid-write: a reader reports a row cut
@@ -41,21 +42,21 @@ COLUMNS = (
     "lines_added",       # lines the experiment's diff added to train.py
     "lines_removed",     # lines the experiment's diff removed from train.py
     "delta",             # val_bpb minus the best it was judged against; negative is an improvement
-    "sigma",             # noise floor the judge used; empty while unknown
+    "sigma",             # the noise of one paired difference the decision used; else the baselines' cross-seed sigma
     "parent",            # the best commit the experiment started from
     "attempts",          # crash-repair attempts the proposer made
     "input_tokens",      # LLM input tokens spent on this experiment, cache reads excluded
     "cached_tokens",     # LLM input tokens read from the prompt cache
     "output_tokens",     # LLM output tokens
     "cost_usd",          # LLM cost of this experiment in US dollars
-    "wall_seconds",      # wall-clock seconds of the whole experiment, edit to verdict
+    "wall_seconds",      # wall-clock seconds of the row's training processes, summed over its runs
     "runs",              # training runs whose metrics this row averages (a confirmed experiment has two or more)
     "run_values",        # each judged run's val_bpb as seed:value, space-separated, in run order
     "tokens_per_second", # training throughput, averaged over the row's runs
     "probe_ratio",       # the slower machine-speed probe around the run over the tag's reference (1.00 = as fast)
     "probe_seconds",     # the faster machine-speed probe around the run; the first baseline's is the tag's reference
     "cpu_per_second",    # CPU-seconds per wall second the run's process group got (less than the reference: shared CPUs)
-    "test_bpb",          # bits per byte on the test split, scored by the fresh verification process; empty if not scored
+    "test_bpb",          # bits per byte on the test split of the first run's checkpoint (fresh verification process); empty if not scored
     "threshold",         # the bar the decision used: a keep needed delta < -threshold; empty when no judge ran
 )
 

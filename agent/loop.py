@@ -26,6 +26,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,6 +53,7 @@ from agent.view import View, make_view  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TWIN = "twin"  # the ledger's experiment name for a null twin of a baseline
+PROBE_SETTLE_SECONDS = 1.0  # after a run, before the probe: the run's last writes and freed memory settle first
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,7 @@ class Loop:
         outcome = run_training(self.branch.path, env, run_dir / "train.log", self.timeout,
                                on_progress=self.view.progress, command=(self.config.python, "train.py"),
                                pid_file=self.pid_file, gpu_watch=self.probe.gpu_watch)
+        time.sleep(PROBE_SETTLE_SECONDS)
         after = self.probe.measure()
         problem = self.guard.check_files()
         if problem:
@@ -315,7 +318,7 @@ class Loop:
                 raise LoopStop(f"the baseline never had the machine to itself ({run.contended}), so it would "
                                f"measure the load, not train.py; stop what else is running, then run again.")
             if outcome.status == "ok" and not problem:  # every baseline: their test_bpb give the val-test noise
-                problem, verified = self.guard.verify(self.config.runs_dir / name, outcome.summary.val_bpb)
+                problem, verified = self.guard.verify(outcome.log_path.parent, outcome.summary.val_bpb)  # a re-run has its own dir
                 row["test_bpb"] = verified.get("test_bpb")
             if outcome.status != "ok" or problem:
                 self.record(dict(row, status="invalid" if problem else outcome.status, reason=problem or outcome.reason))
@@ -453,7 +456,7 @@ class Loop:
             runs, status, reason = [run], run.outcome.status, run.outcome.reason + repaired
         else:
             runs, status, reason, verdict = self.judged(name, proposal, run, best, added, removed)
-            row.update(delta=verdict.delta, threshold=verdict.threshold)
+            row.update(delta=verdict.delta, threshold=verdict.threshold, sigma=verdict.sigma)
             if status == "keep":  # the first run's checkpoint: its seed is the one every best has a test score on
                 first = runs[0].outcome
                 problem, verified = self.guard.verify(first.log_path.parent, first.summary.val_bpb)

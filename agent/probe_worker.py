@@ -18,8 +18,8 @@ import torch
 
 # name: (matrix size, dtype, matmuls per repeat); fixed, so probe seconds compare across runs and resumes
 WORKLOADS = {
-    "cpu": (512, torch.float32, 8),  # about 60 ms a repeat on 2 idle cores, all of torch's threads
-    "cuda": (4096, torch.float16, 50),  # about 10 ms a repeat on an H100-class GPU
+    "cpu": (512, torch.float32, 32),  # about 50 ms a repeat on 2 idle cores, all of torch's threads
+    "cuda": (4096, torch.float16, 200),  # about 40 ms a repeat on an H100-class GPU
 }
 REPEATS = 10  # timed repeats per probe; the caller takes the minimum, so a few hiccups do not count
 
