@@ -61,6 +61,7 @@ COLUMNS = (
 )
 
 STATUSES = ("keep", "discard", "crash", "timeout", "invalid", "contended")  # contended: shared its machine, never judged
+TWIN = "twin"  # the experiment name of a null twin of a baseline: a noise measurement, never a candidate
 
 _FLOAT_FORMATS = {
     "val_bpb": ".6f", "val_loss": ".6f", "delta": ".6f", "sigma": ".6f",

@@ -41,7 +41,7 @@ from agent.config import DEMO_BACKLOG, DEMO_BUDGET, DEMO_EXPERIMENTS, DEMO_TAG, 
 from agent.github_backlog import backlog_file  # noqa: E402
 from agent.guard import Guard, gap_noise, val_test_problem  # noqa: E402
 from agent.judge import JUDGES, NoiseFloor, Verdict, noise_floor  # noqa: E402
-from agent.ledger import Ledger  # noqa: E402
+from agent.ledger import TWIN, Ledger  # noqa: E402
 from agent.limits import BacklogExhausted, Limits  # noqa: E402
 from agent.lock import TagBusy, TagLock, busy_tags  # noqa: E402
 from agent.probe import Probe, ProbeError, Reference, contention, probe_ratio, wait_until_quiet  # noqa: E402
@@ -52,7 +52,6 @@ from agent.stops import LoopStop, UserError  # noqa: E402
 from agent.view import View, make_view  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TWIN = "twin"  # the ledger's experiment name for a null twin of a baseline
 PROBE_SETTLE_SECONDS = 1.0  # after a run, before the probe: the run's last writes and freed memory settle first
 
 

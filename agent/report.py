@@ -38,11 +38,13 @@ from agent.backlog import BacklogItem, load_backlog  # noqa: E402
 from agent.judge import noise_floor  # noqa: E402
 from agent.ledger import COLUMNS, Ledger  # noqa: E402
 from agent.ledger import STATUSES as OUTCOMES  # noqa: E402
+from agent.ledger import TWIN  # noqa: E402
 from agent.stops import UserError  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AUTORESEARCH_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")
 NOT_MEASURED = tuple(s for s in OUTCOMES if s not in ("keep", "discard"))  # no verdict: failed or contended
+NOISE_RUNS = ("baseline", TWIN)  # the noise measurements: never judged, never counted as experiments
 PAUSE_SECONDS = 3600.0  # a gap between two rows longer than this is a stopped loop, not an experiment
 STEPS_TOLERANCE = 0.10  # a run whose steps differ from the baseline's by more than this is flagged
 _ID = re.compile(r"^\s*([A-Z][A-Z0-9]*-\d+)\b")
@@ -194,7 +196,7 @@ class TagSummary:
 
     @property
     def experiments(self) -> list[dict[str, str]]:
-        return [row for row in self.rows if row["experiment"] != "baseline"]
+        return [row for row in self.rows if row["experiment"] not in NOISE_RUNS]
 
     @property
     def kept(self) -> list[Point]:
@@ -226,7 +228,7 @@ def summarize(tag: str, rows: list[dict[str, str]], *, k: float = 2.0) -> TagSum
     best, best_row, points = baseline, (baselines[0] if baselines else None), []
     for index, row in enumerate(rows):
         status, value = row["status"], _float(row["val_bpb"])
-        judged = status in ("keep", "discard") and math.isfinite(value) and value > 0
+        judged = status in ("keep", "discard") and row["experiment"] != TWIN and math.isfinite(value) and value > 0
         delta, bar = _float(row["delta"]), math.nan
         if row["experiment"] == "baseline":
             delta = math.nan  # the best starts at the first baseline; later baselines only measure noise
@@ -241,7 +243,7 @@ def summarize(tag: str, rows: list[dict[str, str]], *, k: float = 2.0) -> TagSum
             if status == "keep":
                 best, best_row = value, row
         points.append(Point(index, row, value if judged else math.nan, best, delta, bar, _runs(row)))
-    counts = Counter(r["status"] for r in rows if r["experiment"] != "baseline")
+    counts = Counter(r["status"] for r in rows if r["experiment"] not in NOISE_RUNS)
     baseline_counts = Counter(r["status"] for r in rows if r["experiment"] == "baseline")
     cost = sum(v for v in (_float(r["cost_usd"]) for r in rows) if math.isfinite(v))
     tokens = tuple(sum(int(_float(r[c])) for r in rows if math.isfinite(_float(r[c])))
