@@ -54,7 +54,7 @@ COLUMNS = (
     "run_values",        # each judged run's val_bpb as seed:value, space-separated, in run order
     "tokens_per_second", # training throughput, averaged over the row's runs
     "probe_ratio",       # the slower machine-speed probe around the run over the tag's reference (1.00 = as fast)
-    "probe_seconds",     # the faster machine-speed probe around the run; the first baseline's is the tag's reference
+    "probe_seconds",     # the slower machine-speed probe around the run; a clean first baseline's is the tag's reference
     "cpu_per_second",    # CPU-seconds per wall second the run's process group got (less than the reference: shared CPUs)
     "test_bpb",          # bits per byte on the test split of the first run's checkpoint (fresh verification process); empty if not scored
     "threshold",         # the bar the decision used: a keep needed delta < -threshold; empty when no judge ran

@@ -188,10 +188,12 @@ class Loop:
         wait until the probe is clean again and run it once more, up to --contention-retries times."""
         c = self.config
         run = self.train_once(name, description, seed)
-        for retry in range(1, c.contention_retries + 1):
+        for retry in range(1, c.contention_retries + 2):
             if run.contended is None:
                 break
             self.view.note(f"{name} is not judged, it shared its machine: {run.contended}")
+            if retry > c.contention_retries:
+                break
             quiet = wait_until_quiet(self.probe, run.reference, c.contention_tolerance, first_wait=c.contention_wait)
             if not quiet.quiet:
                 run = replace(run, contended=f"{run.contended}; then {quiet.reason}")
@@ -223,7 +225,7 @@ class Loop:
             problem = self.guard.check_time(outcome, self.time_budget)
         reference = self.reference or Reference.from_run(before, after, outcome)
         contended = None if problem else contention(before, after, self.reference, outcome, self.config.contention_tolerance)
-        return TrainRun(outcome, seed, problem, contended, reference, min(before.seconds, after.seconds),
+        return TrainRun(outcome, seed, problem, contended, reference, max(before.seconds, after.seconds),
                         probe_ratio(before, after, reference))
 
     def stop_if_untrusted(self) -> None:
@@ -253,7 +255,7 @@ class Loop:
         cpu = [run.outcome.cpu_per_second for run in runs if run.outcome.cpu_per_second is not None]
         columns: dict[str, object] = {"runs": len(runs), "wall_seconds": round(sum(r.outcome.wall_seconds for r in runs), 1),
                                       "probe_ratio": max(run.probe_ratio for run in runs),
-                                      "probe_seconds": min(run.probe_seconds for run in runs),
+                                      "probe_seconds": max(run.probe_seconds for run in runs),
                                       "cpu_per_second": statistics.fmean(cpu) if cpu else None}
         if not finished:
             return columns
@@ -556,7 +558,7 @@ class TrainRun:
     problem: str | None
     contended: str | None  # why the run was not alone on its machine; None when it was
     reference: Reference  # the machine-speed reference it was compared with (its own probes for the first run)
-    probe_seconds: float  # the faster probe around the run
+    probe_seconds: float  # the slower probe around the run: a clean first baseline's is the tag's reference
     probe_ratio: float  # the slower probe around the run over the reference
 
 

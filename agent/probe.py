@@ -116,7 +116,7 @@ class ProbeResult:
 class Reference:
     """The machine as the tag's first baseline found it; two plain numbers, so the ledger can hold them."""
 
-    probe_seconds: float  # the faster probe around the reference run
+    probe_seconds: float  # the reference run's probe (from_run: the faster, the clean moment to wait for)
     cpu_per_second: float | None  # CPU-seconds per wall second of the reference run's process group
 
     @classmethod
