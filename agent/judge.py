@@ -43,7 +43,7 @@ class NoiseFloor:
         return self.paired if self.paired else self.sigma  # twins that repeat the baselines exactly measure nothing
 
     def describe(self) -> str:
-        if self.paired is not None:
+        if self.paired:  # twins that repeated the baselines exactly measured nothing: the cross-seed sigma stands in
             return f"paired sigma {self.paired:.4f} from {self.twins} null twin{'' if self.twins == 1 else 's'}"
         runs = f"{self.runs} baseline run{'' if self.runs == 1 else 's'}"
         if self.sigma is None:
