@@ -457,7 +457,8 @@ class Loop:
             runs, status, reason = [run], run.outcome.status, run.outcome.reason + repaired
         else:
             runs, status, reason, verdict = self.judged(name, proposal, run, best, added, removed)
-            row.update(delta=verdict.delta, threshold=verdict.threshold, sigma=verdict.sigma)
+            row.update(delta=verdict.delta, threshold=verdict.threshold,
+                       sigma=verdict.sigma if verdict.sigma is not None else self.floor.sigma)
             if status == "keep":  # the first run's checkpoint: its seed is the one every best has a test score on
                 first = runs[0].outcome
                 problem, verified = self.guard.verify(first.log_path.parent, first.summary.val_bpb)

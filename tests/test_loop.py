@@ -517,7 +517,8 @@ def test_demo_runs_the_real_train_py_and_resumes(make_project):
     project = make_project(REPO_ROOT / "train.py")
     first_items = [item.id for item in load_backlog(project.root / "agent" / "demo_backlog.md") if item.edits][:2]
     # The run's own timeout is generous: on a loaded 2-core machine a 3 s run spends a minute in eval.
-    args = ("--demo", "--time-budget", "3", "--max-experiments", "1", "--confirm-margin", "0", "--timeout", "900")
+    args = ("--demo", "--time-budget", "3", "--max-experiments", "1", "--confirm-margin", "0", "--timeout", "900",
+            "--baseline-repeats", "2", "--null-twins", "2")
 
     first = project.loop(*args, timeout=1800)
 
@@ -526,11 +527,12 @@ def test_demo_runs_the_real_train_py_and_resumes(make_project):
         rows = list(csv.DictReader(f, delimiter="\t"))
     tag = rows[0]["tag"]
     assert tag == "demo"  # undated: the same command resumes it on any day
-    assert [(r["experiment"], r["status"]) for r in rows[:2]] == [("baseline", "keep")] * 2
-    assert len(rows) == 3 and rows[2]["experiment"] == first_items[0] and rows[2]["status"] in ("keep", "discard")
+    assert [(r["experiment"], r["status"]) for r in rows[:4]] == [("baseline", "keep")] * 2 + [("twin", "discard")] * 2
+    assert len(rows) == 5 and rows[4]["experiment"] == first_items[0] and rows[4]["status"] in ("keep", "discard")
     assert all(math.isfinite(float(r["val_bpb"])) and float(r["val_bpb"]) > 0 for r in rows)
     assert {r["preset"] for r in rows} == {"cpu"}
-    assert (project.root / "runs" / tag / f"003-{first_items[0]}" / "train.log").read_text().count("val_bpb:") == 1
+    item_dir = next(d for d in sorted((project.root / "runs" / tag).glob(f"005-{first_items[0]}*")) if (d / "train.log").exists())
+    assert (item_dir / "train.log").read_text().count("val_bpb:") == 1
     lines = first.stdout.splitlines()
     assert lines and all(PLAIN_LINE.match(line) for line in lines), lines
     said = messages(first.stdout)
@@ -541,8 +543,8 @@ def test_demo_runs_the_real_train_py_and_resumes(make_project):
 
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     rows_again = project.rows(tag)
-    assert rows_again[:3] == rows and len(rows_again) == 4
-    assert rows_again[3]["experiment"] == first_items[1] and math.isfinite(float(rows_again[3]["val_bpb"]))
+    assert rows_again[:5] == rows and len(rows_again) == 6
+    assert rows_again[5]["experiment"] == first_items[1] and math.isfinite(float(rows_again[5]["val_bpb"]))
     assert not any("baseline started" in line for line in messages(again.stdout))
     assert_report_names_every_keep(project, tag, rows_again)
 
