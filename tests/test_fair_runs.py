@@ -8,29 +8,13 @@ the strength of a busy machine. The stand-in train.py of tests/test_loop.py does
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from test_loop import (FAST, NS_1, TAG, Project, cache, make_project, messages, no_stray_processes,  # noqa: F401
                        project, wait_for)
+from test_probe import cpu_hogs  # two busy processes, each in a session of its own as another user's job
 
 QUICK_WAIT = ("--contention-wait", "0.2")
 # Two hogs on two cores double the probe's time; a 50 % tolerance keeps a merely noisy machine out of these tests.
 HOG_TOLERANCE = ("--contention-tolerance", "0.5")
-
-
-@contextmanager
-def cpu_hogs(count: int = 2) -> Iterator[list[subprocess.Popen]]:
-    """`count` processes that burn a core each until the block ends."""
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
-    try:
-        yield hogs
-    finally:
-        for hog in hogs:
-            hog.kill()
-            hog.wait()
 
 
 def candidate_started(project: Project, experiment: str) -> bool:
