@@ -287,7 +287,7 @@ def assert_report_names_every_keep(project: Project, tag: str, rows: list[dict[s
     for row in kept:
         assert (f"| {row['commit']} | {row['experiment']} | {float(row['val_bpb']):.6f} | {float(row['delta']):+.6f} |"
                 in result.stdout), result.stdout
-    counts = [f"{sum(r['status'] == s for r in rows if r['experiment'] != 'baseline')} {s}" for s in ("keep", "discard")]
+    counts = [f"{sum(r['status'] == s for r in rows if r['experiment'] not in ('baseline', 'twin'))} {s}" for s in ("keep", "discard")]
     assert f"- outcomes: {counts[0]}, {counts[1]}," in result.stdout
     assert project.git("status", "--porcelain") == ""  # progress.png and report.md are ignored outputs
 
