@@ -82,7 +82,7 @@ DN_SAMPLE_SIZE = 4096          # entries per tensor sampled for the meta-feature
 DN_META_GRAD_CLIP = 1.0        # the meta-gradient's norm is clipped to this
 
 # Run
-SEED = int(os.environ.get("AUTORESEARCH_SEED", "42"))
+SEED = int(os.environ.get("AUTORESEARCH_SEED", "42"))  # the initialisation; the data order is prepare's, fixed
 RUN_DIR = os.environ.get("AUTORESEARCH_RUN_DIR")       # the checkpoint goes here when set
 STARTUP_EXCLUDE_STEPS = {"gpu": 10, "cpu": 1}[PRESET]  # first steps (compilation) not counted in the budget
 LOSS_LIMIT = 100.0             # a training loss above this (or NaN) ends the run with exit code 1
@@ -1016,8 +1016,8 @@ def main():
     print(f"device: {DEVICE.type} | preset: {PRESET} | params: {model.num_params():,} | "
           f"budget: {TIME_BUDGET:g}s | grad accumulation: {grad_accum_steps} | data: {fingerprint}")
 
-    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", seed=SEED, device=DEVICE)
-    meta_loader = (make_dataloader(tokenizer, DN_META_ROWS, MAX_SEQ_LEN, "meta", seed=SEED, device=DEVICE)
+    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=DEVICE)
+    meta_loader = (make_dataloader(tokenizer, DN_META_ROWS, MAX_SEQ_LEN, "meta", device=DEVICE)
                    if OPTIMIZER == "deepnested" and DN_MODE == "explicit" else None)
     recent_batches = deque(maxlen=DN_K_UNROLL)  # what explicit meta-updates unroll over
     x, y, epoch = next(train_loader)

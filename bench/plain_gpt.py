@@ -60,7 +60,7 @@ def main():
     tokenizer = Tokenizer.from_directory()
     model = PlainGPT(tokenizer.get_vocab_size())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.1)
-    loader = make_dataloader(tokenizer, args.batch, MAX_SEQ_LEN, "train", seed=args.seed, device="cpu")
+    loader = make_dataloader(tokenizer, args.batch, MAX_SEQ_LEN, "train", device="cpu")  # prepare's fixed order, as train.py
     start, step = time.time(), 0
     while (progress := (time.time() - start) / args.seconds) < 1.0:
         for group in optimizer.param_groups:

@@ -93,7 +93,7 @@ MAIN = "def main():\n"
 REWRITE_PREPARE = [(MAIN, MAIN + (
     '    torch.save({"EVAL_TOKENS": 2**10}, "prepare.py")  # a cheaper evaluation for next time\n'))]
 
-LOADER = 'make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", seed=SEED, device=DEVICE)'
+LOADER = 'make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=DEVICE)'
 VAL_SPLIT = [(LOADER, LOADER.replace('"train"', '"val"'))]
 
 # Prints the environment as its last line and exits non-zero, so that the output also reaches the
@@ -113,10 +113,10 @@ DOUBLED_LOG = [(ANCHOR, '_real_log = math.log\n(lambda module: module)(math).log
 VAL_ALIAS = [(LOADER, "mk = make_dataloader\n    train_loader = " + LOADER.replace("make_dataloader", "mk").replace('"train"', '"val"'))]
 VAL_PARTIAL = [("import contextlib\n", "import contextlib\nimport functools\n"),
                (LOADER, 'functools.partial(make_dataloader, split="val")(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, '
-                        'seed=SEED, device=DEVICE)')]
+                        'device=DEVICE)')]
 VAL_COMPUTED = [("import contextlib\n", "import contextlib\nimport functools\n"),
                 (LOADER, 'functools.partial(make_dataloader, split="".join(chr(c) for c in (118, 97, 108)))('
-                         'tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, seed=SEED, device=DEVICE)')]
+                         'tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, device=DEVICE)')]
 VAL_SHARD = [("import contextlib\n", "import contextlib\nimport json\n\nimport pyarrow.parquet as pq\n"),
              (LOADER, LOADER + "\n    manifest = json.load(open(os.path.join(os.environ['AUTORESEARCH_CACHE'], 'prepared', PRESET, "
                       "'prepared.json')))\n    val_texts = pq.read_table(manifest['val'][0]).column('text').to_pylist()\n"
@@ -488,7 +488,7 @@ def test_training_on_the_validation_split_is_refused_before_it_runs(adversarial)
     assert re.fullmatch(r"not run: static check: train\.py line \d+: calls make_dataloader with split 'val'; "
                         r"training may read only 'train' or 'meta'", reason), reason
     assert not list(run.runs.glob("*ADV-7*"))
-    assert run.git("show", f"{run.rows['ADV-7']['commit']}:train.py").count('"val", seed=SEED') == 1
+    assert run.git("show", f"{run.rows['ADV-7']['commit']}:train.py").count('"val", device=DEVICE') == 1
 
 
 def test_no_secret_reaches_train_py_the_logs_the_ledger_or_git(adversarial):

@@ -122,7 +122,7 @@ def at_module_level(code: str) -> list[tuple[str, str]]:
     return [(anchor, code + "\n\n" + anchor)]
 
 
-LOADER = 'make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", seed=SEED, device=DEVICE)'
+LOADER = 'make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=DEVICE)'
 
 FORBIDDEN = {
     "val-split": ([(LOADER, LOADER.replace('"train"', '"val"'))], "split 'val'"),

@@ -163,6 +163,21 @@ def test_train_stream_depends_on_the_seed(tokenizer):
     assert not torch.equal(first_batch(1), first_batch(2))
 
 
+def test_train_py_reads_one_shuffled_order_whatever_its_seed(tokenizer):
+    """train.py calls make_dataloader without a seed: every run sees the same shuffled stream (a seed sets
+    the initialisation only), and that order is a shuffle, not the files' order."""
+    def first_batches(**seed):
+        loader = prepare.make_dataloader(tokenizer, B, T, "train", device="cpu", **seed)
+        return torch.cat([x for x, _, _ in islice(loader, 3)])
+
+    default = first_batches()
+    assert torch.equal(default, first_batches())
+    assert torch.equal(default, first_batches(seed=prepare.STREAM_SEED))
+    assert not torch.equal(default, first_batches(seed=None))  # None: the files' order
+    train_py = (Path(prepare.__file__).parent / "train.py").read_text()
+    assert train_py.count("make_dataloader(") == 2 and "seed=" not in train_py.split("make_dataloader(", 1)[1][:200]
+
+
 # ---------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------

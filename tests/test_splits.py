@@ -27,7 +27,7 @@ from test_loop import FAST, TAG, Project, cache, make_project  # noqa: F401  (fi
 REPO_ROOT = Path(__file__).resolve().parents[1]
 UNIGRAM_TRAIN = Path(__file__).resolve().parent / "fakes" / "unigram_train.py"
 TRAIN_PY = (REPO_ROOT / "train.py").read_text()
-LOADER_CALL = 'make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", seed=SEED, device=DEVICE)'
+LOADER_CALL = 'make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=DEVICE)'
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_a_cache_from_before_the_test_split_is_refused_then_re_prepared(run_pyth
      "uses make_dataloader other than by calling it"),
     (LOADER_CALL, "mk = make_dataloader\n    train_loader = mk" + LOADER_CALL[len("make_dataloader"):].replace('"train"', '"val"'),
      "uses make_dataloader other than by calling it"),
-    (LOADER_CALL, 'functools.partial(make_dataloader, split="val")(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, seed=SEED, device=DEVICE)',
+    (LOADER_CALL, 'functools.partial(make_dataloader, split="val")(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, device=DEVICE)',
      "uses make_dataloader other than by calling it"),
     (LOADER_CALL, LOADER_CALL.replace('"train"', '"".join(["v", "a", "l"])'),
      "calls make_dataloader with split ''.join(['v', 'a', 'l'])"),
