@@ -24,6 +24,7 @@ import sys
 import sysconfig
 import time
 import zlib
+from collections import deque
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -447,6 +448,7 @@ TRAINING_SPLITS = ("train", "meta")   # what make_dataloader serves
 # moved val_bpb by a cross-seed sigma of 0.02 at 60 s (README, "Measured on an idle machine"); with one order
 # for all, that spread is not noise the judge has to see through, and a paired run differs by its change alone.
 STREAM_SEED = 1234
+INTERLEAVED_DOCUMENTS = 64  # training rows come from this many documents in turn, a piece of each
 EVALUATION_SPLITS = ("val", "test")   # what only evaluate() reads
 
 
@@ -494,14 +496,22 @@ def _packed_rows(tokenizer, B, T, split, seed, device, buffer_size=1000):
     row_capacity = T + 1
     bos = tokenizer.get_bos_token_id()
     batches = _document_batches(split, seed)
-    pieces, epoch = [], 1
+    pieces, pending, epoch = [], deque(), 1  # pending: per document, its pieces not yet in the buffer
+    interleave = INTERLEAVED_DOCUMENTS if split in TRAINING_SPLITS else 1
 
     def refill():
+        """One piece into the buffer: in training, from the next of `interleave` documents in turn, so a long
+        file is spread over the stream instead of filling thousands of rows in a row (the builtin corpus's
+        756 KB pydoc topics file alone was a 20 s run's whole data); val and test stream document by document."""
         nonlocal epoch
-        docs, epoch = next(batches)
-        for ids in tokenizer.encode(docs):
-            for start in range(0, max(len(ids), 1), T):
-                pieces.append([bos] + ids[start:start + T])
+        while len(pending) < interleave:
+            docs, epoch = next(batches)
+            pending.extend(deque([bos] + ids[start:start + T] for start in range(0, max(len(ids), 1), T))
+                           for ids in tokenizer.encode(docs))
+        document = pending.popleft()
+        pieces.append(document.popleft())
+        if document:
+            (pending.append if interleave > 1 else pending.appendleft)(document)
 
     rows = torch.empty((B, row_capacity), dtype=torch.long)
     use_cuda = device.type == "cuda"

@@ -97,6 +97,10 @@ def _measured(values: Sequence[float]) -> tuple[float, str] | Verdict:
     return mean, "" if len(values) == 1 else f" (mean of {len(values)} runs)"
 
 
+LOOP_K = 2.5               # the loop's --k: sigmas a candidate must beat the best by
+LOOP_CONFIRM_MARGIN = 0.5  # the loop's --confirm-margin: the band around the bar that asks for a confirming run
+
+
 def judge_noise(
     values: Sequence[float],
     best: Sequence[float],

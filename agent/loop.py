@@ -40,7 +40,7 @@ from agent.branch import ExperimentBranch, remove_tag, require_clean, tag_footpr
 from agent.config import DEMO_BACKLOG, DEMO_BUDGET, DEMO_EXPERIMENTS, DEMO_TAG, LoopConfig, default_tag  # noqa: E402
 from agent.github_backlog import backlog_file  # noqa: E402
 from agent.guard import Guard, gap_noise, val_test_problem  # noqa: E402
-from agent.judge import JUDGES, NoiseFloor, Verdict, noise_floor  # noqa: E402
+from agent.judge import JUDGES, LOOP_CONFIRM_MARGIN, LOOP_K, NoiseFloor, Verdict, noise_floor  # noqa: E402
 from agent.ledger import TWIN, Ledger  # noqa: E402
 from agent.limits import BacklogExhausted, Limits  # noqa: E402
 from agent.lock import TagBusy, TagLock, busy_tags  # noqa: E402
@@ -615,9 +615,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="runs of the baseline with MATRIX_LR x 1.0001 on the baselines' seeds: the paired noise (0: none)")
     p.add_argument("--baseline-repeats", type=int, default=3, help="baseline runs, different seeds: the noise floor")
     p.add_argument("--judge", choices=["noise", "greedy"], default="noise")
-    p.add_argument("--k", type=float, default=2.5, help="sigmas a candidate must beat the best by (the bar is k sigma / sqrt(runs))")
+    p.add_argument("--k", type=float, default=LOOP_K, help="sigmas a candidate must beat the best by (the bar is k sigma / sqrt(runs))")
     p.add_argument("--min-delta", type=float, help="smallest improvement worth keeping (needed with --baseline-repeats 1)")
-    p.add_argument("--confirm-margin", type=float, default=0.5,
+    p.add_argument("--confirm-margin", type=float, default=LOOP_CONFIRM_MARGIN,
                    help="re-run every would-be keep and near misses within this fraction of the threshold (0: never)")
     p.add_argument("--max-runs", type=int, default=2,
                    help="runs one experiment may take while the judge asks to confirm (run i uses baseline i's seed)")

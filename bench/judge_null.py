@@ -5,7 +5,7 @@ baseline's seed, a confirming re-run when the noise judge asks for one) judged b
 
 Usage: python bench/judge_null.py [--same-seed 6] [--other-seeds 4] [--budget 20]
 Needs prepared data for the cpu preset. Prints `key: value` lines; goal false_keep_rate_noise <= 0.05
-(greedy keeps about half of null changes by construction).
+(greedy keeps about half of null changes by construction). Cast with the loop's defaults (k, confirm margin).
 """
 
 import argparse
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from judge_runs import BASE, FIRST_SEED, MeasureError, train  # noqa: E402
 
-from agent.judge import judge_greedy, judge_noise, noise_floor  # noqa: E402
+from agent.judge import LOOP_CONFIRM_MARGIN, LOOP_K, judge_greedy, judge_noise, noise_floor  # noqa: E402
 
 SEED = FIRST_SEED
 
@@ -32,7 +32,7 @@ def run(seed, budget, index):
     return measured.val_bpb
 
 
-def false_keep_rates(same, other, k=2.0, confirm_margin=0.5):
+def false_keep_rates(same, other, k=LOOP_K, confirm_margin=LOOP_CONFIRM_MARGIN):
     """Every (baseline A, baseline B, candidate C, confirmation D) the runs allow: A, C, D share a seed."""
     noise_keeps = greedy_keeps = cases = 0
     for a, c in itertools.permutations(range(len(same)), 2):

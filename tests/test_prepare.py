@@ -163,6 +163,29 @@ def test_train_stream_depends_on_the_seed(tokenizer):
     assert not torch.equal(first_batch(1), first_batch(2))
 
 
+def test_a_long_document_is_spread_over_the_training_stream(tokenizer):
+    """The longest document of the stream's first row group (in the builtin corpus, the 756 KB pydoc topics file
+    under STREAM_SEED) could fill the first 512 rows alone; interleaved with other documents it opens only a
+    small share of them, while val still streams one document after another."""
+    first_docs, _ = next(prepare._document_batches("train", prepare.STREAM_SEED))
+    longest = max(first_docs, key=len)
+    assert len(tokenizer.encode([longest])[0]) >= 512 * T  # the premise: it alone could fill every row below
+    bos = tokenizer.get_bos_token_id()
+    loader = prepare.make_dataloader(tokenizer, 16, T, "train", device="cpu")
+    rows = torch.cat([x for x, _, _ in islice(loader, 32)]).tolist()
+
+    def opening_piece(row):
+        end = row.index(bos, 1) if bos in row[1:] else len(row)
+        return tokenizer.enc.decode(row[1:end])
+
+    share = sum(opening_piece(row) in longest for row in rows) / len(rows)
+    assert 0 < share < 0.1, share
+    val_docs, _ = next(prepare._document_batches("val", None))
+    first_val = tokenizer.encode(val_docs[:1])[0]
+    val_rows = [x for x, _, _ in islice(prepare._packed_rows(tokenizer, 1, T, "val", None, "cpu"), 2)]
+    assert [row[0, 1:].tolist() for row in val_rows] == [first_val[:T - 1], first_val[T:2 * T - 1]]
+
+
 def test_train_py_reads_one_shuffled_order_whatever_its_seed(tokenizer):
     """train.py calls make_dataloader without a seed: every run sees the same shuffled stream (a seed sets
     the initialisation only), and that order is a shuffle, not the files' order."""
