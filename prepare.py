@@ -496,16 +496,21 @@ def _packed_rows(tokenizer, B, T, split, seed, device, buffer_size=1000):
     row_capacity = T + 1
     bos = tokenizer.get_bos_token_id()
     batches = _document_batches(split, seed)
-    pieces, pending, epoch = [], deque(), 1  # pending: per document, its pieces not yet in the buffer
+    pieces, pending, epoch, held = [], deque(), 1, None  # pending: per document, its pieces not yet in the buffer
     interleave = INTERLEAVED_DOCUMENTS if split in TRAINING_SPLITS else 1
 
     def refill():
         """One piece into the buffer: in training, from the next of `interleave` documents in turn, so a long
         file is spread over the stream instead of filling thousands of rows in a row (the builtin corpus's
         756 KB pydoc topics file alone was a 20 s run's whole data); val and test stream document by document."""
-        nonlocal epoch
+        nonlocal epoch, held
         while len(pending) < interleave:
-            docs, epoch = next(batches)
+            docs, next_epoch = held or next(batches)
+            held = None
+            if pending and next_epoch != epoch:  # the next epoch starts once this one's documents are done
+                held = docs, next_epoch
+                break
+            epoch = next_epoch
             pending.extend(deque([bos] + ids[start:start + T] for start in range(0, max(len(ids), 1), T))
                            for ids in tokenizer.encode(docs))
         document = pending.popleft()

@@ -953,6 +953,18 @@ def get_muon_momentum(step):
 def get_weight_decay(progress):
     return WEIGHT_DECAY * (1 - progress)
 
+
+def apply_schedules(optimizer, progress, step):
+    """Every group's LR, Muon momentum and (hidden matrices) weight decay at this point of the run; the LR factor."""
+    lrm = get_lr_multiplier(progress)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if group["kind"] == "muon":
+            group["momentum"] = get_muon_momentum(step)
+        if group.get("matrix"):
+            group["weight_decay"] = get_weight_decay(progress)
+    return lrm
+
 # ---------------------------------------------------------------------------
 # Setup
 # ---------------------------------------------------------------------------
@@ -1037,13 +1049,7 @@ def main():
                 recent_batches.append((x[:DN_META_ROWS], y[:DN_META_ROWS]))
             x, y, epoch = next(train_loader)
         progress = min(training_time / TIME_BUDGET, 1.0)
-        lrm = get_lr_multiplier(progress)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"] = get_muon_momentum(step)
-            if group.get("matrix"):
-                group["weight_decay"] = get_weight_decay(progress)
+        lrm = apply_schedules(optimizer, progress, step)
         optimizer.step(train_loss)
         model.zero_grad(set_to_none=True)
         if meta_loader is not None and (step + 1) % optimizer.meta_update_freq == 0:

@@ -46,10 +46,7 @@ def main(argv=None):
                 loss = model_train(x, y)
             train_loss = loss.detach()
             (loss / accum).backward()
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * train.get_lr_multiplier(0.5)
-            if group["kind"] == "muon":
-                group["momentum"] = train.get_muon_momentum(step)
+        train.apply_schedules(optimizer, 0.5, step)
         optimizer.step(train_loss)
         model_train.zero_grad(set_to_none=True)
         return train_loss.item()

@@ -41,10 +41,7 @@ def train_step(model, optimizer, batch, step):
     """One step as train.py's loop takes it: the schedules first, then step(loss)."""
     loss = model(*batch)
     loss.backward()
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * train.get_lr_multiplier(step / 20)
-        if group["kind"] == "muon":
-            group["momentum"] = train.get_muon_momentum(step)
+    train.apply_schedules(optimizer, step / 20, step)
     optimizer.step(loss.detach())
     model.zero_grad(set_to_none=True)
 
