@@ -381,6 +381,9 @@ def load_manifest():
     if manifest.get("split_rule") != SPLIT_RULE:
         raise PrepareError(f"the data in {PREPARED_DIR} was prepared before the test split existed; run python prepare.py "
                            f"again (its fingerprint changes, so give the loop a new --tag).")
+    if manifest.get("stream_rule") != STREAM_RULE:
+        raise PrepareError(f"the data in {PREPARED_DIR} was prepared for another training-stream order; run python "
+                           f"prepare.py again (its fingerprint changes, so give the loop a new --tag).")
     missing = [p for p in manifest["train"] + manifest["val"] + manifest["test"] if not os.path.exists(p)]
     if missing:
         raise PrepareError(f"the prepared data lists {missing[0]}, which is gone; run python prepare.py again.")
@@ -389,7 +392,7 @@ def load_manifest():
 
 
 def data_fingerprint():
-    """'<source>:<12 hex>' over the source name, its files and the tokenizer."""
+    """'<source>:<12 hex>' over the source name, its files, the tokenizer, the split rule and the stream's order."""
     return load_manifest()["fingerprint"]
 
 
@@ -408,7 +411,7 @@ def prepare(source=None, num_shards=10, base_url=None, force=False, attempts=5):
             previous = json.load(f)
     same = (previous and previous["source"] == source and previous["files_hash"] == data["files_hash"]
             and previous["vocab_size"] == VOCAB_SIZE and previous.get("split_rule") == SPLIT_RULE
-            and os.path.exists(os.path.join(PREPARED_DIR, "tokenizer.pkl")))
+            and previous.get("stream_rule") == STREAM_RULE and os.path.exists(os.path.join(PREPARED_DIR, "tokenizer.pkl")))
     if same and not force:
         print(f"prepare: already prepared, nothing to do (fingerprint {previous['fingerprint']}) in {PREPARED_DIR}")
         return load_manifest()
@@ -417,12 +420,15 @@ def prepare(source=None, num_shards=10, base_url=None, force=False, attempts=5):
     elif previous and previous.get("split_rule") != SPLIT_RULE:
         print(f"prepare: the cache was split before the test split existed; re-preparing it "
               f"(fingerprint {previous['fingerprint']} changes, so give the loop a new --tag)")
+    elif previous and previous.get("stream_rule") != STREAM_RULE:
+        print(f"prepare: the cache was prepared for another training-stream order; re-preparing it "
+              f"(fingerprint {previous['fingerprint']} changes, so give the loop a new --tag)")
     t0 = time.time()
     tokenizer_hash = train_tokenizer(data["train"], VOCAB_SIZE, PREPARED_DIR)
     fingerprint = source.split(":")[0] + ":" + hashlib.sha256(
-        f"{source}|{data['files_hash']}|{tokenizer_hash}|{SPLIT_RULE}".encode()).hexdigest()[:12]
+        f"{source}|{data['files_hash']}|{tokenizer_hash}|{SPLIT_RULE}|{STREAM_RULE}".encode()).hexdigest()[:12]
     manifest = dict(source=source, preset=PRESET, vocab_size=VOCAB_SIZE, train=data["train"], val=data["val"],
-                    test=data["test"], split_rule=SPLIT_RULE, files_hash=data["files_hash"], tokenizer_hash=tokenizer_hash, fingerprint=fingerprint,
+                    test=data["test"], split_rule=SPLIT_RULE, stream_rule=STREAM_RULE, files_hash=data["files_hash"], tokenizer_hash=tokenizer_hash, fingerprint=fingerprint,
                     created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     tmp = manifest_path() + ".tmp"
     with open(tmp, "w") as f:
@@ -449,6 +455,8 @@ TRAINING_SPLITS = ("train", "meta")   # what make_dataloader serves
 # for all, that spread is not noise the judge has to see through, and a paired run differs by its change alone.
 STREAM_SEED = 1234
 INTERLEAVED_DOCUMENTS = 64  # training rows come from this many documents in turn, a piece of each
+# Part of the fingerprint: runs that read the stream in another order are not comparable (a new tag).
+STREAM_RULE = f"train and meta: row groups shuffled with seed {STREAM_SEED}, {INTERLEAVED_DOCUMENTS} documents interleaved"
 EVALUATION_SPLITS = ("val", "test")   # what only evaluate() reads
 
 

@@ -125,6 +125,25 @@ def test_a_cache_from_before_the_test_split_is_refused_then_re_prepared(run_pyth
     assert redone["fingerprint"] == manifest["fingerprint"]
 
 
+def test_a_cache_prepared_for_another_stream_order_is_refused_then_re_prepared(run_python, tmp_path):
+    """A tag's runs must read the training stream in one order: a cache from before the fixed, interleaved
+    order is refused by train.py with what to do, and prepare.py re-prepares it under a new fingerprint."""
+    env = {"AUTORESEARCH_CACHE": str(tmp_path)}
+    assert run_python("prepare.py", "--source", "builtin", env=env).returncode == 0
+    path = tmp_path / "prepared" / "cpu" / "prepared.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in manifest.items() if k != "stream_rule"} | {"fingerprint": "builtin:0ld0ld0ld0ld"}))
+
+    refused = run_python("train.py", env=env)
+    assert "prepared for another training-stream order; run python prepare.py again" in refused.stderr
+    assert "Traceback" not in refused.stderr and refused.returncode != 0
+
+    again = run_python("prepare.py", "--source", "builtin", env=env)
+    assert again.returncode == 0 and "re-preparing it (fingerprint builtin:0ld0ld0ld0ld changes" in again.stdout
+    redone = json.loads(path.read_text())
+    assert redone["stream_rule"] == prepare.STREAM_RULE and redone["fingerprint"] == manifest["fingerprint"]
+
+
 # ---------------------------------------------------------------------------
 # The static check, the second line
 # ---------------------------------------------------------------------------
