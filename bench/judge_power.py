@@ -289,7 +289,7 @@ def main() -> int:
             if args.runs is None or not args.runs.exists():
                 print("judge_power: --no-train needs --runs FILE with recorded runs.", file=sys.stderr)
                 return 1
-            runs, missing = measure(plan, args.budget, args.runs, 0)
+            runs, missing = measure(plan, args.budget, args.runs, 0, recorded_only=True)
         else:
             runs, missing = measure(plan, args.budget, args.runs, args.minutes,
                                     log=lambda line: print(line, flush=True))

@@ -9,6 +9,7 @@ Several edits are joined by commas.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +41,13 @@ class Run:
     num_steps: int
     budget_seconds: float
     data_fingerprint: str
+    source_sha256: str = ""  # of the variant's train.py and prepare.py: a resumed measurement reuses only its own code's runs
+
+
+def source_sha256(variant: str) -> str:
+    """What a run of this variant trains with: its train.py and the prepare.py beside it."""
+    source = variant_source(variant, (REPO / "train.py").read_text()) + (REPO / "prepare.py").read_text()
+    return hashlib.sha256(source.encode()).hexdigest()
 
 
 def variant_source(variant: str, source: str) -> str:
@@ -78,7 +86,7 @@ def train(variant: str, seed: int, budget: float) -> Run:
         raise MeasureError(f"{variant} with seed {seed} failed: {outcome.reason}")
     summary = outcome.summary
     return Run(variant, seed, summary.val_bpb, int(summary.number("num_steps")), budget,
-               str(summary.get("data_fingerprint", "")))
+               str(summary.get("data_fingerprint", "")), source_sha256(variant))
 
 
 def load_runs(path: Path | None) -> list[Run]:
@@ -100,15 +108,19 @@ def save_runs(path: Path, runs: list[Run]) -> None:
 
 
 def measure(plan: list[tuple[str, int]], budget: float, runs_file: Path | None, minutes: float | None,
-            log=print) -> tuple[list[Run], int]:
+            log=print, recorded_only: bool = False) -> tuple[list[Run], int]:
     """Every (variant, seed) of the plan that the runs file lacks at this budget (a pair listed twice is
     run twice), trained and saved after each run; stops starting runs after `minutes`. Returns the runs
-    for the plan and how many are still missing."""
+    for the plan and how many are still missing. A recorded run counts only when it trained today's code
+    (train.py and prepare.py), unless recorded_only: then the file's runs are taken as they are, to
+    recompute a table from an earlier measurement. The runs used must share one data fingerprint."""
     recorded = load_runs(runs_file)
     available = [run for run in recorded if run.budget_seconds == budget]
+    current = {variant: source_sha256(variant) for variant, _ in plan}
     chosen, missing = [], []
     for variant, seed in plan:
-        match = next((run for run in available if (run.variant, run.seed) == (variant, seed)), None)
+        match = next((run for run in available if (run.variant, run.seed) == (variant, seed)
+                      and (recorded_only or run.source_sha256 == current[variant])), None)
         if match is None:
             missing.append((variant, seed))
         else:
@@ -123,4 +135,8 @@ def measure(plan: list[tuple[str, int]], budget: float, runs_file: Path | None, 
         recorded.append(run)
         if runs_file is not None:
             save_runs(runs_file, recorded)
+    fingerprints = sorted({run.data_fingerprint for run in chosen})
+    if len(fingerprints) > 1:
+        raise MeasureError(f"the runs were trained on different data ({', '.join(fingerprints)}); give a new --runs "
+                           "file for this data, or AUTORESEARCH_CACHE of the data the file was measured on.")
     return chosen, len(missing)

@@ -13,7 +13,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 from judge_power import Sigmas, cast, decide, first_values, measure_sigmas, model_rate  # noqa: E402
-from judge_runs import MeasureError, Run, load_runs, save_runs, variant_source  # noqa: E402
+from judge_runs import MeasureError, Run, load_runs, measure, save_runs, source_sha256, variant_source  # noqa: E402
 
 from agent.judge import NoiseFloor, judge_greedy, judge_noise  # noqa: E402
 
@@ -111,6 +111,24 @@ def test_runs_file_round_trip(tmp_path):
     path.write_text("{not json")
     with pytest.raises(MeasureError, match="is not a runs file"):
         load_runs(path)
+
+
+def test_a_resumed_measurement_reuses_only_runs_of_todays_code_on_one_data(tmp_path):
+    """Runs trained by another train.py or prepare.py (another stream, another model) are measured again, not
+    mixed in; recomputing a table from a file (recorded_only) takes its runs as they are, from one data only."""
+    path = tmp_path / "runs.json"
+    today = source_sha256("base")
+    save_runs(path, [Run("base", 42, 2.0, 500, 60.0, "builtin:test", today),
+                     Run("base", 43, 2.1, 500, 60.0, "builtin:test", "an older train.py")])
+    plan = [("base", 42), ("base", 43)]
+    chosen, missing = measure(plan, 60.0, path, 0)
+    assert [run.seed for run in chosen] == [42] and missing == 1
+    chosen, missing = measure(plan, 60.0, path, 0, recorded_only=True)
+    assert [run.seed for run in chosen] == [42, 43] and missing == 0
+    save_runs(path, [Run("base", 42, 2.0, 500, 60.0, "builtin:test", today),
+                     Run("base", 43, 2.1, 500, 60.0, "builtin:other", today)])
+    with pytest.raises(MeasureError, match="trained on different data \\(builtin:other, builtin:test\\)"):
+        measure(plan, 60.0, path, 0)
 
 
 def recorded(tmp_path: Path) -> Path:
