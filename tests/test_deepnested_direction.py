@@ -69,8 +69,9 @@ def markov_gpt_setup(seed, vocab=32, T=16, rows=8):
     A[previous] + B[the one before]. Second order, so the blocks (hidden matrices) have work to do (attending to
     the token before); in a first-order chain the embedding and head alone hold the whole bigram table (measured
     on one, vocab 64, 500 steps: hidden LRs x1e-3 ended at loss 2.150 against 2.155). Measured with meta_lr 0,
-    mean loss of steps 100-200: train.param_groups' LRs 1.956; hidden x0.3 1.975, x3 1.970; other x0.3 1.959, x3 2.077; too small (x1e-3):
-    hidden 2.433, other 3.422 (chance: log 32 = 3.47); too large (x30): hidden 2.227, other 3.106.
+    mean loss of steps 100-200: train.param_groups' LRs 1.956; hidden x0.3 1.975, x3 1.970; other x0.3 1.959,
+    x3 2.077; too small (x1e-3): hidden 2.433, other 3.422 (chance: log 32 = 3.47); too large (x30): hidden 2.227,
+    other 3.106.
     """
     generator = torch.Generator().manual_seed(seed)
     A, B = (2.0 * torch.randn(vocab, vocab, generator=generator) for _ in range(2))
