@@ -614,7 +614,7 @@ class DeepNestedOptimizer(MuonAdamW):
         self.n_hidden_samples = sum(len(i) for i in self.sample_idx[:self.n_hidden])
         self.role = torch.tensor([g["role"] for g in ordered for _ in g["params"]], device=device)
         levels = len(self.cms_frequencies)
-        self.controller = MetaMLP(5 + 2, 1, controller_hidden_dim, controller_num_layers).to(device)
+        self.controller = MetaMLP(5 + 2, 2, controller_hidden_dim, controller_num_layers).to(device)
         self.momentum_net = MetaMLP(6 + levels, 2 + levels, momentum_hidden_dim, momentum_num_layers).to(device)
         self.controller_norm = FeatureNorm(5, use_preprocessing).to(device)
         self.momentum_norm = FeatureNorm(6 + levels, use_preprocessing).to(device)
@@ -659,7 +659,7 @@ class DeepNestedOptimizer(MuonAdamW):
 
     def _log_multipliers(self, x):
         """log LR multiplier per role: 0 at init, bounded smoothly to [log min_lr_mult, log max_lr_mult]."""
-        o = self.controller(x).squeeze(-1)
+        o = self.controller(x).diagonal()  # an output per role: one role's signal does not drag the other's
         bound = torch.where(o > 0, self.log_max, -self.log_min)
         return bound * torch.tanh(o / bound)
 
