@@ -90,12 +90,26 @@ class Loop:
     """Wires the backlog, proposer, branch, runner, judge and ledger; one experiment per iteration."""
 
     def __init__(self, config: LoopConfig, view: View, proposer: Proposer | None = None) -> None:
+        """Only the settings and the counters; open() reads the repository, the backlog, the data and the ledger."""
         self.config = config
         self.view = view
+        self.given_proposer = proposer
+        self.limits = Limits(config.max_experiments, config.max_hours, config.max_crashes)
+        self.experiments_run = 0
+        self.crashes_in_a_row = 0   # in this invocation: a resumed tag gets a fresh allowance
+        self.refusals_in_a_row = 0  # LLM proposals in a row that could not be run
+        self.contended_in_a_row = 0  # experiments in a row that never got a quiet machine
+        self.left_for_llm: set[str] = set()
+        self.probe: Probe | None = None  # the machine-speed probe's worker, open while run() runs
+
+    def open(self) -> Loop:
+        """Check the checkout, read the backlog and the prepared data, take the tag's lock, repair the ledger,
+        open the experiment branch and the guard; every refusal is a UserError that says what to do."""
+        config, view = self.config, self.view
         require_clean(config.repo_root)
         self.items = load_backlog(config.backlog)
         self.ledger = Ledger(config.ledger_path)
-        self.proposer = proposer or make_proposer(config)
+        self.proposer = self.given_proposer or make_proposer(config)
         if isinstance(self.proposer, BacklogProposer) and not any(item.edits for item in self.items):
             raise UserError(f"{config.backlog} has no item with a machine-readable edit, so the backlog proposer "
                             f"has nothing to run: add edits to it (see agent/backlog.md's Edits section) or use "
@@ -123,13 +137,7 @@ class Loop:
         self.pid_file = config.runs_dir / "train.pid"
         if kill_stale(self.pid_file):  # safe: this loop holds the tag's lock, so no live loop owns that run
             view.note("killed a training run that a previous, killed loop left behind")
-        self.limits = Limits(config.max_experiments, config.max_hours, config.max_crashes)
-        self.experiments_run = 0
-        self.crashes_in_a_row = 0   # in this invocation: a resumed tag gets a fresh allowance
-        self.refusals_in_a_row = 0  # LLM proposals in a row that could not be run
-        self.contended_in_a_row = 0  # experiments in a row that never got a quiet machine
-        self.left_for_llm: set[str] = set()
-        self.probe: Probe | None = None  # the machine-speed probe's worker, open while run() runs
+        return self
 
     # -- state, derived from the ledger and git ----------------------------------------------
 
@@ -732,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     report = shlex.join(["python", os.path.relpath(REPO_ROOT / "agent" / "report.py", Path.cwd()), "--tag", config.tag])
     with view:
         try:
-            loop = Loop(config, view)
+            loop = Loop(config, view).open()
             loop.run()
         except UserError as e:
             view.note(f"loop: {e}")
