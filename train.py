@@ -847,7 +847,6 @@ class DeepNestedOptimizer(MuonAdamW):
                 at = {k: v.detach().requires_grad_(k in keys) for k, v in theta.items()}
                 grads = dict(zip(keys, torch.autograd.grad(loss_at(at, batch), [at[k] for k in keys],
                                                            allow_unused=True)))
-                theta = dict(theta)
                 for g, ks, s in zip(self.param_groups, groups, inner):
                     new = self._unrolled_update(g, [theta[k] for k in ks], [grads[k] for k in ks], s,
                                                 g["lr"] * mult[g["role"]], shift, w)
