@@ -9,7 +9,6 @@ AUTORESEARCH_SEED, AUTORESEARCH_RUN_DIR (where the checkpoint goes), AUTORESEARC
 It ends by printing `---` and a `key: value` summary; a NaN or exploding loss exits non-zero.
 """
 
-import contextlib
 import gc
 import math
 import os
@@ -23,7 +22,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from prepare import (MAX_SEQ_LEN, PRESET, TIME_BUDGET, PrepareError, Tokenizer, data_fingerprint, evaluate,
                      make_dataloader)
@@ -75,8 +73,8 @@ DN_USE_PREPROCESSING = True    # standardise the meta-features by running statis
 DN_USE_CMS = False             # slower momentum levels for the hidden matrices ...
 DN_CMS_FREQUENCIES = (1, 10, 100)  # ... updated every this many steps (1: the ordinary momentum)
 DN_META_UPDATE_FREQ = 50       # explicit mode: steps between meta-updates ...
-DN_K_UNROLL = 3                # ... each differentiating this many update steps
-DN_META_ROWS = {"gpu": 16, "cpu": 4}[PRESET]  # rows of each batch in a meta-update (double backward is memory-hungry)
+DN_K_UNROLL = 1                # ... each differentiating this many update steps (each more: +1.6 steps' time)
+DN_META_ROWS = {"gpu": 16, "cpu": 4}[PRESET]  # rows of each batch in a meta-update (k_unroll + 1 passes on them)
 DN_MAX_GRAD_NORM = 0.0         # clip the model's gradient norm to this before the update (0: off; the seed's 1.0)
 DN_SAMPLE_SIZE = 4096          # entries per tensor sampled for the meta-features and signals
 DN_META_GRAD_CLIP = 1.0        # the meta-gradient's norm is clipped to this
@@ -140,7 +138,6 @@ def apply_rotary(x, cos, sin):
 
 
 _block_masks = {}
-_twice_differentiable = False  # set during DeepNested's meta-updates: flex_attention has no double backward
 
 
 def windowed_attention(q, k, v, window):
@@ -148,7 +145,7 @@ def windowed_attention(q, k, v, window):
     T = q.size(-2)
     if window >= T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if q.is_cuda and not _twice_differentiable:  # flex_attention skips the blocks outside the band, not masks them
+    if q.is_cuda:  # flex_attention skips the blocks outside the band, not masks them
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         key = (T, window, q.device)
         if key not in _block_masks:
@@ -510,18 +507,6 @@ def cosine(dot, sq_a, sq_b):
     return torch.where(valid, dot.where(valid, 0.0) / sq.where(valid, 1.0).sqrt(), 0.0)
 
 
-@contextlib.contextmanager
-def math_attention():
-    """Attention that can be differentiated twice: the math SDPA backend, and no flex_attention."""
-    global _twice_differentiable
-    _twice_differentiable = True
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        _twice_differentiable = False
-
-
 class MetaMLP(nn.Module):
     """A small tanh MLP whose last layer starts at zero: its output, a correction, is exactly 0 until it learns."""
 
@@ -831,19 +816,20 @@ class DeepNestedOptimizer(MuonAdamW):
 
     def meta_update(self, train_batches, meta_batch, loss_fn=None):
         """
-        One meta-step of both networks: from the current weights (left unchanged), k_unroll differentiable
-        updates on the last train batches, then the loss on meta_batch (held out from training), differentiated
-        back to the controller and the momentum network: through every update, and through the gradient of the
-        last one only (earlier gradients count as constants, first-order), so its memory is one double backward
-        on DN_META_ROWS rows whatever k_unroll is. A batch is a tuple of the model's arguments;
-        loss_fn(output, batch) makes the loss of the output (default: the output is the loss). Returns it.
+        One meta-step of both networks: from the current weights (left unchanged), k_unroll updates on the last
+        train batches, then the loss on meta_batch (held out from training), differentiated back to the controller
+        and the momentum network through every update's dependence on the multipliers and the momentum corrections.
+        Each unrolled gradient is taken at the unrolled weights but held constant (first-order: no double backward),
+        so a meta-update costs k_unroll + 1 forward/backward passes on DN_META_ROWS rows and the updates' own graph.
+        A batch is a tuple of the model's arguments; loss_fn(output, batch) makes the loss of the output (default:
+        the output is the loss). Returns the meta loss.
         """
         if self.record is None:
             return None
         names = {id(p): name for name, p in self.model.named_parameters()}
         groups = [[names[id(p)] for p in g["params"]] for g in self.param_groups]
         keys = [k for ks in groups for k in ks]
-        theta = {name: p.detach().requires_grad_(p.requires_grad) for name, p in self.model.named_parameters()}
+        theta = {name: p.detach() for name, p in self.model.named_parameters()}
         buffers = dict(self.model.named_buffers())
 
         def loss_at(params, batch):
@@ -852,18 +838,15 @@ class DeepNestedOptimizer(MuonAdamW):
 
         rec = self.record
         meta_params = [p for group in self.meta_optimizer.param_groups for p in group["params"]]
-        with torch.enable_grad(), math_attention():
+        with torch.enable_grad():
             with torch.autocast(rec["x"].device.type, enabled=False):  # the model may run in bf16, not these
                 mult = self._log_multipliers(rec["x"]).exp()
                 shift, w = self._momentum_corrections(rec["y"])
             inner = [self._unroll_state(g) for g in self.param_groups]
-            batches = list(train_batches)[-self.k_unroll:]
-            for j, batch in enumerate(batches):
-                last = j == len(batches) - 1  # only the last step's Hessian term is kept: one double backward
-                at = theta if last else {k: v.detach().requires_grad_(v.requires_grad) for k, v in theta.items()}
+            for batch in list(train_batches)[-self.k_unroll:]:
+                at = {k: v.detach().requires_grad_(k in keys) for k, v in theta.items()}
                 grads = dict(zip(keys, torch.autograd.grad(loss_at(at, batch), [at[k] for k in keys],
-                                                           create_graph=last, allow_unused=True)))
-                theta = dict(theta)
+                                                           allow_unused=True)))
                 for g, ks, s in zip(self.param_groups, groups, inner):
                     new = self._unrolled_update(g, [theta[k] for k in ks], [grads[k] for k in ks], s,
                                                 g["lr"] * mult[g["role"]], shift, w)
