@@ -25,7 +25,7 @@ import pytest
 
 from agent.ledger import Ledger, is_baseline_run
 from agent.report import read_rows, summarize
-from test_loop import (FAST, MM_1, NS_1, TAG, Project, cache, make_project, no_stray_processes,  # noqa: F401
+from test_loop import (FAST, MB_2, MM_1, NS_1, TAG, Project, cache, make_project, no_stray_processes,  # noqa: F401
                        project)
 
 REPEATS = ("--baseline-repeats", "3")  # a first baseline and two repeats
@@ -65,7 +65,7 @@ def written_before_the_rule(ledger: Path) -> None:
     ledger.write_text(text.getvalue())
 
 
-def test_the_notebook_on_the_loops_ledger_sees_one_baseline_and_only_real_improvements(project: Project):
+def test_the_notebook_sees_one_baseline_and_only_real_improvements_and_an_older_ledger_resumes(project: Project):
     backlog = project.backlog(NS_1, MM_1)
 
     result = project.loop("--tag", TAG, "--backlog", backlog, *FAST, *REPEATS)
@@ -102,30 +102,23 @@ def test_the_notebook_on_the_loops_ledger_sees_one_baseline_and_only_real_improv
     outcomes = next(line for line in report.stdout.splitlines() if line.startswith("- outcomes:"))
     assert "1 keep, 1 discard" in outcomes and "baseline" not in outcomes, outcomes
 
-    # The same night as the loop wrote it before the rule: the notebook ranks the repeats as improvements.
+    # The same night as the loop wrote it before the rule: the notebook ranks the repeats as improvements,
+    # and the loop resumes it reading all three as baseline runs: none runs again, and they give the sigma.
     written_before_the_rule(project.ledger)
+    old = project.rows()
+    assert [r["status"] for r in old] == ["keep", "keep", "keep", "keep", "discard"]
     before = notebook(as_results_tsv(project.ledger))
     assert sorted(before["improvements"]) == sorted(["baseline 2/3", "baseline 3/3", rows[3]["description"]])
 
-
-def test_a_ledger_written_before_the_rule_resumes_with_every_baseline_run(project: Project):
-    first = project.loop("--tag", TAG, "--backlog", project.backlog(MM_1), *FAST, *REPEATS)
-    assert first.returncode == 0, first.stdout + first.stderr
-    written_before_the_rule(project.ledger)
-    old = project.rows()
-    assert [r["status"] for r in old] == ["keep", "keep", "keep", "discard"]
-
-    again = project.loop("--tag", TAG, "--backlog", project.backlog(MM_1, NS_1), *FAST, *REPEATS)
+    again = project.loop("--tag", TAG, "--backlog", project.backlog(NS_1, MM_1, MB_2), *FAST, *REPEATS)
 
     assert again.returncode == 0, again.stdout + again.stderr
-    rows = project.rows()
-    assert rows[:4] == old and [(r["experiment"], r["status"]) for r in rows[4:]] == [("NS-1", "keep")]
-    assert "baseline started" not in again.stdout  # all three read as baseline runs: none runs again
-    baselines = [float(r["val_bpb"]) for r in old[:3]]
-    assert float(rows[4]["sigma"]) == pytest.approx(statistics.stdev(baselines), abs=2e-6)
-    assert float(rows[4]["delta"]) == pytest.approx(float(rows[4]["val_bpb"]) - baselines[0], abs=2e-6)
-    summary = summarize(TAG, read_rows(project.ledger).rows)
-    assert len(summary.baselines) == 3 and [p.row["experiment"] for p in summary.kept] == ["NS-1"]
+    resumed = project.rows()
+    assert resumed[:5] == old and [r["experiment"] for r in resumed[5:]] == ["MB-2"], again.stdout
+    assert "baseline started" not in again.stdout
+    assert float(resumed[5]["sigma"]) == pytest.approx(statistics.stdev(baselines), abs=2e-6)
+    assert float(resumed[5]["delta"]) == pytest.approx(float(resumed[5]["val_bpb"]) - float(rows[3]["val_bpb"]), abs=2e-6)
+    assert len(summarize(TAG, read_rows(project.ledger).rows).baselines) == 3
 
 
 def test_the_ledger_refuses_status_baseline_on_anything_but_a_baseline_run(tmp_path: Path):
