@@ -2,8 +2,9 @@
 experiments of their own), every metric the mean over the row's `runs`; append-only, each row fsynced.
 
 The first five columns are karpathy/autoresearch's results.tsv columns with the same meaning, so its
-analysis notebook still reads the file. The loop may be killed mid-write: a reader reports a row cut
-short and carries on, `repair()` moves the fragment aside, and `append` never glues onto it.
+analysis notebook still reads the file; a repeat baseline run carries status `baseline`, so the
+notebook ranks only real keeps as improvements. The loop may be killed mid-write: a reader reports a
+row cut short and carries on, `repair()` moves the fragment aside, and `append` never glues onto it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ COLUMNS = (
     "commit",            # short sha of the experiment's commit; empty when nothing was committed
     "val_bpb",           # validation bits per byte, lower is better; 0.000000 for a crash, as autoresearch writes
     "memory_gb",         # peak accelerator memory in GB; 0.0 for a crash
-    "status",            # keep | discard | crash | timeout | invalid | contended
+    "status",            # keep | discard | crash | timeout | invalid | contended | baseline (a repeat baseline run)
     "description",       # one line saying what the experiment changed
     "tag",               # the run's tag; its branch is autoresearch/<tag>
     "experiment",        # backlog ID (MM-1), `baseline`, or an ID the proposer made up
@@ -60,7 +61,9 @@ COLUMNS = (
     "threshold",         # the bar the decision used: a keep needed delta < -threshold; empty when no judge ran
 )
 
-STATUSES = ("keep", "discard", "crash", "timeout", "invalid", "contended")  # contended: shared its machine, never judged
+OUTCOMES = ("keep", "discard", "crash", "timeout", "invalid", "contended")  # an experiment's; contended: shared its machine, never judged
+BASELINE = "baseline"  # the experiment name of every baseline run, and the status of each repeat after the first
+STATUSES = OUTCOMES + (BASELINE,)  # every status a row may carry
 TWIN = "twin"  # the experiment name of a null twin of a baseline: a noise measurement, never a candidate
 
 _FLOAT_FORMATS = {
@@ -121,6 +124,19 @@ def _fields(line: str) -> list[str]:
     return next(csv.reader([line.rstrip("\r")], delimiter="\t"), [])
 
 
+def baseline_status(index: int) -> str:
+    """The status of baseline run `index` (0-based): the first is `keep`, the starting point, as in
+    autoresearch; every repeat is `baseline`, which autoresearch's analysis notebook neither counts
+    as a keep nor ranks as an improvement."""
+    return "keep" if index == 0 else BASELINE
+
+
+def is_baseline_run(row: Mapping[str, object]) -> bool:
+    """A finished baseline run: its first (`keep`) or a repeat (`baseline`; ledgers written before the
+    rule carry `keep` on repeats too, and read the same)."""
+    return row.get("experiment") == BASELINE and row.get("status") in ("keep", BASELINE)
+
+
 class Ledger:
     """The append-only experiments.tsv at `path`."""
 
@@ -140,6 +156,8 @@ class Ledger:
             raise ValueError(f"unknown ledger columns: {', '.join(unknown)}")
         if row.get("status") not in STATUSES:
             raise ValueError(f"ledger status {row.get('status')!r} is not one of {', '.join(STATUSES)}")
+        if row.get("status") == BASELINE and row.get("experiment") != BASELINE:
+            raise ValueError(f"ledger status {BASELINE!r} marks a repeat baseline run, not experiment {row.get('experiment')!r}")
         repaired = self.repair()
         new = not self.path.exists() or self.path.stat().st_size == 0
         data = ((_HEADER if new else "") + _line(row)).encode("utf-8")

@@ -41,7 +41,7 @@ from agent.config import DEMO_BACKLOG, DEMO_BUDGET, DEMO_EXPERIMENTS, DEMO_TAG, 
 from agent.github_backlog import backlog_file  # noqa: E402
 from agent.guard import Guard, gap_noise, val_test_problem  # noqa: E402
 from agent.judge import JUDGES, LOOP_CONFIRM_MARGIN, LOOP_K, NoiseFloor, Verdict, noise_floor  # noqa: E402
-from agent.ledger import TWIN, Ledger  # noqa: E402
+from agent.ledger import TWIN, Ledger, baseline_status, is_baseline_run  # noqa: E402
 from agent.limits import BacklogExhausted, Limits  # noqa: E402
 from agent.lock import TagBusy, TagLock, busy_tags  # noqa: E402
 from agent.probe import Probe, ProbeError, Reference, contention, probe_ratio, wait_until_quiet  # noqa: E402
@@ -149,7 +149,7 @@ class Loop:
 
     def check_comparable(self, rows: list[dict[str, str]]) -> None:
         """A tag's runs share one preset, data fingerprint and budget, or they could not be compared."""
-        first = next((r for r in rows if r["experiment"] == "baseline" and r["status"] == "keep"), None)
+        first = next((r for r in rows if is_baseline_run(r)), None)
         if first is None:
             return
         then = (first["preset"], first["data_fingerprint"], float(first["time_budget"] or self.time_budget))
@@ -166,7 +166,7 @@ class Loop:
 
     def derive(self, rows: list[dict[str, str]]) -> None:
         """Best commit, its runs (paired by seed), the noise floor and what is done, from this tag's rows."""
-        self.baselines = [r for r in rows if r["experiment"] == "baseline" and r["status"] == "keep"]
+        self.baselines = [r for r in rows if is_baseline_run(r)]
         if self.baselines:
             self.base_commit = self._full_sha(self.baselines[0]["commit"])
         else:
@@ -333,7 +333,7 @@ class Loop:
                 self.record(dict(row, status="invalid" if problem else outcome.status, reason=problem or outcome.reason))
                 self.stop_if_untrusted()
                 raise UserError(self.baseline_failure(outcome, problem))
-            self.record(dict(row, status="keep", reason=f"baseline run {index + 1} (seed {seed})"))
+            self.record(dict(row, status=baseline_status(index), reason=f"baseline run {index + 1} (seed {seed})"))
             self.derive(self.rows())
         self.run_twins()
 

@@ -36,9 +36,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from agent.backlog import BacklogItem, load_backlog  # noqa: E402
 from agent.judge import noise_floor  # noqa: E402
-from agent.ledger import COLUMNS, Ledger  # noqa: E402
-from agent.ledger import STATUSES as OUTCOMES  # noqa: E402
-from agent.ledger import TWIN  # noqa: E402
+from agent.ledger import BASELINE, COLUMNS, OUTCOMES, STATUSES, TWIN, Ledger, is_baseline_run  # noqa: E402
 from agent.stops import UserError  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +80,7 @@ def read_rows(path: Path) -> Rows:
     if len(first) == len(AUTORESEARCH_COLUMNS):
         raise ReportError(f"the first line of {path} has five fields but is neither results.tsv's header nor a "
                           f"row of it (commit, val_bpb as a number, memory_gb, status: one of "
-                          f"{', '.join(OUTCOMES)}, description); correct that line and run again.")
+                          f"{', '.join(STATUSES)}, description); correct that line and run again.")
     read = Ledger(path).read()  # raises LedgerError, a UserError, for a file of another version
     return Rows(read.rows, read.problems, "experiments.tsv")
 
@@ -90,7 +88,7 @@ def read_rows(path: Path) -> Rows:
 def _is_result_row(fields: list[str]) -> bool:
     """A results.tsv data line: five fields, a number for val_bpb, and a known status."""
     return (len(fields) == len(AUTORESEARCH_COLUMNS) and math.isfinite(_float(fields[1]))
-            and fields[3].strip() in OUTCOMES)
+            and fields[3].strip() in STATUSES)
 
 
 def _read_results_tsv(path: Path, *, header: bool) -> Rows:
@@ -113,7 +111,7 @@ def _read_results_tsv(path: Path, *, header: bool) -> Rows:
             row.update(cells, tag=path.stem)
             description = cells["description"].strip()
             found = _ID.match(description)
-            if not rows or description.lower().startswith("baseline"):
+            if not rows or description.lower().startswith("baseline") or cells["status"].strip() == BASELINE:
                 row["experiment"] = "baseline"
             else:
                 row["experiment"] = found.group(1) if found else f"#{len(rows) + 1}"
@@ -220,7 +218,7 @@ def _runs(row: dict[str, str]) -> int:
 def summarize(tag: str, rows: list[dict[str, str]], *, k: float = 2.0) -> TagSummary:
     """Replay the tag's rows as the loop saw them: the baseline, then each keep moves the best. A row
     without a `threshold` (older ledgers, results.tsv) is taken to have been judged at k x sigma."""
-    baselines = [r for r in rows if r["experiment"] == "baseline" and r["status"] == "keep"]
+    baselines = [r for r in rows if is_baseline_run(r)]
     baseline = _float(baselines[0]["val_bpb"]) if baselines else math.nan
     floor = noise_floor([_float(r["val_bpb"]) for r in baselines])
     sigma = floor.sigma if floor.sigma is not None else _float(next((r["sigma"] for r in reversed(rows) if r["sigma"]), ""))
@@ -228,11 +226,12 @@ def summarize(tag: str, rows: list[dict[str, str]], *, k: float = 2.0) -> TagSum
     best, best_row, points = baseline, (baselines[0] if baselines else None), []
     for index, row in enumerate(rows):
         status, value = row["status"], _float(row["val_bpb"])
-        judged = status in ("keep", "discard") and row["experiment"] != TWIN and math.isfinite(value) and value > 0
+        plotted = ((status in ("keep", "discard") and row["experiment"] != TWIN or is_baseline_run(row))
+                   and math.isfinite(value) and value > 0)
         delta, bar = _float(row["delta"]), math.nan
         if row["experiment"] == "baseline":
             delta = math.nan  # the best starts at the first baseline; later baselines only measure noise
-        elif judged:
+        elif plotted:  # an experiment, judged against the best so far
             if math.isnan(delta) and math.isfinite(best):
                 delta = value - best  # results.tsv carries no delta
             threshold = _float(row["threshold"])
@@ -242,7 +241,7 @@ def summarize(tag: str, rows: list[dict[str, str]], *, k: float = 2.0) -> TagSum
             bar = best - threshold
             if status == "keep":
                 best, best_row = value, row
-        points.append(Point(index, row, value if judged else math.nan, best, delta, bar, _runs(row)))
+        points.append(Point(index, row, value if plotted else math.nan, best, delta, bar, _runs(row)))
     counts = Counter(r["status"] for r in rows if r["experiment"] not in NOISE_RUNS)
     baseline_counts = Counter(r["status"] for r in rows if r["experiment"] == "baseline")
     cost = sum(v for v in (_float(r["cost_usd"]) for r in rows) if math.isfinite(v))

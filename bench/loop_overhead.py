@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from agent.ledger import is_baseline_run
+
 REPO = Path(__file__).resolve().parent.parent
 BASELINES = 2  # the loop's default --baseline-repeats
 STAND_IN = '''"""A stand-in for train.py: an untrained bigram model, evaluated by prepare.py and saved for re-evaluation."""
@@ -150,7 +152,7 @@ def measure(experiments: int, time_budget: float) -> dict[str, float]:
         output = (repo / "loop.log").read_text()
         ledger = repo / "experiments.tsv"
         rows = list(csv.DictReader(ledger.open(), delimiter="\t")) if ledger.exists() else []
-        baselines = [r for r in rows if r["experiment"] == "baseline" and r["status"] == "keep"]
+        baselines = [r for r in rows if is_baseline_run(r)]
         ran = [r for r in rows if r["experiment"] != "baseline" and r["status"] in ("keep", "discard")]
         if len(baselines) != BASELINES or len(ran) != experiments:  # cProfile exits 0 whatever the loop returns
             statuses = ", ".join(f"{r['experiment']} {r['status']} ({r['reason']})" for r in rows) or "no rows"

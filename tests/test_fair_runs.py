@@ -33,7 +33,7 @@ def test_a_run_beside_a_cpu_hog_is_recorded_contended_and_runs_again_on_resume(p
         loop.kill()
     rows = project.rows()
     assert [(r["experiment"], r["status"]) for r in rows] == [
-        ("baseline", "keep"), ("baseline", "keep"), ("NS-1", "contended")], project.output()
+        ("baseline", "keep"), ("baseline", "baseline"), ("NS-1", "contended")], project.output()
     contended = rows[2]
     assert "shared its machine, so not judged" in contended["reason"] and "it runs again on resume" in contended["reason"]
     assert "reference" in contended["reason"] or "CPU-seconds" in contended["reason"], contended["reason"]
@@ -64,7 +64,7 @@ def test_a_run_that_shared_its_machine_is_run_again_when_it_is_quiet(project: Pr
         loop.kill()
     rows = project.rows()
     assert [(r["experiment"], r["status"]) for r in rows] == [
-        ("baseline", "keep"), ("baseline", "keep"), ("NS-1", "keep")], project.output()
+        ("baseline", "keep"), ("baseline", "baseline"), ("NS-1", "keep")], project.output()
     assert rows[2]["runs"] == "1" and float(rows[2]["probe_ratio"]) <= 1.5
     said = messages(project.output())
     assert any(m.startswith("003-NS-1: quiet again after") and "running it again (1/2)" in m for m in said), said
@@ -81,7 +81,7 @@ def test_a_quiet_machine_leaves_every_run_alone(project: Project):
 
     assert result.returncode == 0, result.stdout + result.stderr
     rows = project.rows()
-    assert [(r["experiment"], r["status"]) for r in rows] == [("baseline", "keep"), ("baseline", "keep"), ("NS-1", "keep")]
+    assert [(r["experiment"], r["status"]) for r in rows] == [("baseline", "keep"), ("baseline", "baseline"), ("NS-1", "keep")]
     assert "not judged" not in result.stdout
     for row in rows:
         assert float(row["probe_seconds"]) > 0 and float(row["probe_ratio"]) <= 1.5
@@ -96,7 +96,7 @@ def test_null_twins_run_once_on_the_baselines_seeds_and_never_move_the_branch(pr
     assert result.returncode == 0, result.stdout + result.stderr
     rows = project.rows()
     assert [(r["experiment"], r["status"], r["seed"]) for r in rows] == [
-        ("baseline", "keep", "42"), ("baseline", "keep", "43"), ("baseline", "keep", "44"),
+        ("baseline", "keep", "42"), ("baseline", "baseline", "43"), ("baseline", "baseline", "44"),
         ("twin", "discard", "42"), ("twin", "discard", "43"), ("twin", "discard", "44"), ("NS-1", "keep", "42")]
     base, twin = project.sha(rows[0]["commit"]), project.sha(rows[3]["commit"])
     assert {r["commit"] for r in rows[3:6]} == {rows[3]["commit"]} and twin != base

@@ -240,7 +240,7 @@ def test_keeps_an_improvement_discards_the_rest_and_stops_when_the_backlog_is_ex
     assert result.returncode == 0, result.stdout + result.stderr
     rows = project.rows()
     assert [(r["experiment"], r["status"]) for r in rows] == [
-        ("baseline", "keep"), ("baseline", "keep"), ("NS-1", "keep"), ("MM-1", "discard")]
+        ("baseline", "keep"), ("baseline", "baseline"), ("NS-1", "keep"), ("MM-1", "discard")]
     b42, b43, ns, mm = (float(r["val_bpb"]) for r in rows)
     assert b42 < b43 < b42 + 0.01 and ns < b42 - 0.03 and mm == ns
     assert [r["seed"] for r in rows] == ["42", "43", "42", "42"]
@@ -317,8 +317,8 @@ def test_after_a_crash_stop_the_same_tag_goes_on(project: Project, prepared_buil
     # The ledger as test_crashes_are_recorded_and_enough_in_a_row_stop_the_loop leaves it.
     ledger, head = Ledger(project.ledger), project.sha("main")[:7]
     common = dict(tag=TAG, preset="cpu", data_fingerprint=prepared_builtin["fingerprint"], parent=head)
-    for seed, value in ((42, 3.577675), (43, 3.580539)):
-        ledger.append(dict(common, commit=head, val_bpb=value, status="keep", experiment="baseline", seed=seed,
+    for seed, value, status in ((42, 3.577675, "keep"), (43, 3.580539, "baseline")):
+        ledger.append(dict(common, commit=head, val_bpb=value, status=status, experiment="baseline", seed=seed,
                            description="baseline", reason=f"baseline run (seed {seed})"))
     for item in ("ABL-1", "ABL-2"):
         ledger.append(dict(common, commit="", status="crash", experiment=item, seed=42, description=item,
@@ -396,7 +396,7 @@ def test_a_killed_loop_takes_its_run_along_and_resumes_it(project: Project):
     assert "killed a training run that a previous, killed loop left behind" in messages(result.stdout)
     rows = project.rows()
     assert [(r["experiment"], r["status"]) for r in rows] == [
-        ("baseline", "keep"), ("baseline", "keep"), ("SLOW-1", "discard"), ("NS-1", "keep")]
+        ("baseline", "keep"), ("baseline", "baseline"), ("SLOW-1", "discard"), ("NS-1", "keep")]
     assert project.branch() == project.sha(rows[3]["commit"])
     assert rows[3]["parent"] == project.sha("main")[:7]  # the killed SLOW-1 commit left no trace
     assert not (project.runs / "train.pid").exists()
@@ -419,7 +419,7 @@ def test_an_interrupt_ends_the_run_and_puts_the_branch_back(project: Project, si
     assert returncode == 130, project.output()
     assert not is_running(train)
     rows = project.rows()
-    assert [(r["experiment"], r["status"]) for r in rows] == [("baseline", "keep")] * 2 + [("NS-1", "keep")] * len(before)
+    assert [(r["experiment"], r["status"]) for r in rows] == [("baseline", "keep"), ("baseline", "baseline")] + [("NS-1", "keep")] * len(before)
     assert project.branch() == project.sha(rows[-1]["commit"] if before else "main")
     assert project.git("-C", str(project.worktree), "status", "--porcelain") == ""
     assert not (project.runs / "train.pid").exists()
@@ -457,8 +457,8 @@ def _malformed_backlog(project: Project) -> tuple[list[str], dict[str, str], str
 
 def _tag_of_other_data(project: Project) -> tuple[list[str], dict[str, str], str]:
     ledger = Ledger(project.ledger)
-    for seed in (42, 43):
-        ledger.append(dict(commit=project.sha("main")[:7], val_bpb=1.5, status="keep", description="baseline",
+    for seed, status in ((42, "keep"), (43, "baseline")):
+        ledger.append(dict(commit=project.sha("main")[:7], val_bpb=1.5, status=status, description="baseline",
                            tag=TAG, experiment="baseline", preset="cpu", data_fingerprint="builtin:000000000000",
                            seed=seed))
     return [], {}, "start a new --tag so runs are never compared across presets, data or budgets"
@@ -527,7 +527,7 @@ def test_demo_runs_the_real_train_py_and_resumes(make_project):
         rows = list(csv.DictReader(f, delimiter="\t"))
     tag = rows[0]["tag"]
     assert tag == "demo"  # undated: the same command resumes it on any day
-    assert [(r["experiment"], r["status"]) for r in rows[:4]] == [("baseline", "keep")] * 2 + [("twin", "discard")] * 2
+    assert [(r["experiment"], r["status"]) for r in rows[:4]] == [("baseline", "keep"), ("baseline", "baseline")] + [("twin", "discard")] * 2
     assert len(rows) == 5 and rows[4]["experiment"] == first_items[0] and rows[4]["status"] in ("keep", "discard")
     assert all(math.isfinite(float(r["val_bpb"])) and float(r["val_bpb"]) > 0 for r in rows)
     assert {r["preset"] for r in rows} == {"cpu"}

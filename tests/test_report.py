@@ -39,7 +39,7 @@ def write_ledger(path: Path) -> None:
                        test_bpb=1.52, num_steps=600, tokens_per_second=10000, runs=1, run_values="42:1.500000", seed=42,
                        description="baseline 1/2", reason="baseline run 1 (seed 42)",
                        timestamp="2026-11-28T01:00:00+00:00", wall_seconds=70))
-    ledger.append(dict(COMMON, commit="aaaaaaa", experiment="baseline", status="keep", val_bpb=1.505, sigma=0.004,
+    ledger.append(dict(COMMON, commit="aaaaaaa", experiment="baseline", status="baseline", val_bpb=1.505, sigma=0.004,
                        test_bpb=1.523, num_steps=604, tokens_per_second=10100, runs=1, run_values="43:1.505000", seed=43,
                        description="baseline 2/2", reason="baseline run 2 (seed 43)",
                        timestamp="2026-11-28T01:01:10+00:00", wall_seconds=70))
@@ -115,7 +115,7 @@ def test_report_plots_and_summarises_the_chosen_tag(tmp_path):
     assert "- failed baseline runs" not in text
     baselines = text.split("Baseline runs:")[1].split("Kept, in order")[0]
     assert "| aaaaaaa | 42 | keep | 1.500000 | 1.520000 | 600 | 10,000 |" in baselines
-    assert "| aaaaaaa | 43 | keep | 1.505000 | 1.523000 | 604 | 10,100 |" in baselines
+    assert "| aaaaaaa | 43 | baseline | 1.505000 | 1.523000 | 604 | 10,100 |" in baselines
     kept = text.split("Kept, in order")[1].split("Every experiment")[0]
     assert ("| bbbbbbb | NS-1 | 1.480000 | -0.020000 | 1.505000 | -0.015000 | 602 | 10,050 | 1 | "
             "-0.0200 < -2 sigma = -0.0071 | MUON_NS_STEPS = 3 |") in kept

@@ -235,7 +235,7 @@ def test_the_loop_scores_test_and_refuses_a_val_gain_that_test_does_not_match(ma
     assert result.returncode == 0, result.stdout + result.stderr
     rows = project.rows()
     assert [(r["experiment"], r["status"]) for r in rows] == [
-        ("baseline", "keep"), ("baseline", "keep"), ("UNIVAL-1", "invalid"), ("UNITRAIN-1", "keep")], rows
+        ("baseline", "keep"), ("baseline", "baseline"), ("UNIVAL-1", "invalid"), ("UNITRAIN-1", "keep")], rows
     baselines, cheat, honest = rows[:2], rows[2], rows[3]
     for row in rows:
         assert float(row["test_bpb"]) > 0, row  # every baseline and every would-be keep is scored on test

@@ -90,7 +90,7 @@ def test_a_second_loop_on_the_same_tag_is_refused_and_leaves_the_first_alone(pro
 
     rows = project.rows()
     assert [(r["experiment"], r["status"]) for r in rows] == [
-        ("baseline", "keep"), ("baseline", "keep"), ("SLOW-1", "discard"), ("NS-1", "keep")]
+        ("baseline", "keep"), ("baseline", "baseline"), ("SLOW-1", "discard"), ("NS-1", "keep")]
     assert "killed by" not in rows[2]["reason"]
     assert "killed a training run" not in project.output()
     assert processes_under(project.root.parent) == []
@@ -209,7 +209,7 @@ def test_an_interrupted_loop_prints_the_command_that_resumes_it(project: Project
 
     assert again.returncode == 0, again.stdout + again.stderr
     assert [(r["experiment"], r["status"]) for r in project.rows()] == [
-        ("baseline", "keep"), ("baseline", "keep"), ("SLOW-1", "discard"), ("NS-1", "keep")]
+        ("baseline", "keep"), ("baseline", "baseline"), ("SLOW-1", "discard"), ("NS-1", "keep")]
 
 
 def test_the_demo_resumes_its_undated_tag_with_the_command_it_prints(project: Project):
