@@ -53,6 +53,7 @@ from agent.view import View, make_view  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROBE_SETTLE_SECONDS = 1.0  # after a run, before the probe: the run's last writes and freed memory settle first
+IDLE_PROBES = 5             # probes of the idle machine before a tag's first run: its slowest is the first reference
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class Loop:
         self.contended_in_a_row = 0  # experiments in a row that never got a quiet machine
         self.left_for_llm: set[str] = set()
         self.probe: Probe | None = None  # the machine-speed probe's worker, open while run() runs
+        self.idle: Reference | None = None  # the idle machine's slowest probe, until the tag has its reference
 
     def open(self) -> Loop:
         """Check the checkout, read the backlog and the prepared data, take the tag's lock, repair the ledger,
@@ -219,6 +221,7 @@ class Loop:
         if self.guard.check_files():
             self.branch.reset(self.branch.head())
             self.stop_if_untrusted()
+        reference = self.reference or self.idle_reference()
         self.view.started(name, description)
         before = self.probe.measure()
         outcome = run_training(self.branch.path, env, run_dir / "train.log", self.timeout,
@@ -231,10 +234,24 @@ class Loop:
             self.branch.reset(self.branch.head())  # puts the worktree's prepare.py back
         elif outcome.status == "ok":
             problem = self.guard.check_time(outcome, self.time_budget)
-        reference = self.reference or Reference.from_run(before, after, outcome)
-        contended = None if problem else contention(before, after, self.reference, outcome, self.config.contention_tolerance)
-        return TrainRun(outcome, seed, problem, contended, reference, max(before.seconds, after.seconds),
-                        probe_ratio(before, after, reference))
+        contended = None if problem else contention(before, after, reference, outcome, self.config.contention_tolerance)
+        slower = max(before.seconds, after.seconds, reference.probe_seconds if self.reference is None else 0.0)
+        return TrainRun(outcome, seed, problem, contended, reference, slower, probe_ratio(before, after, reference))
+
+    def idle_reference(self) -> Reference:
+        """Before the tag has a reference: the slowest of IDLE_PROBES probes of the machine at rest, so the first
+        baseline is held to the machine's own spread (on a VM, 0.043-0.056 s between quiet probes) and not to
+        one fast moment; the first clean baseline's row then stores the slower of this and its own probes."""
+        if self.idle is None:
+            seconds = []
+            for _ in range(IDLE_PROBES):
+                seconds.append(self.probe.measure().seconds)
+                time.sleep(PROBE_SETTLE_SECONDS / 2)
+            self.idle = Reference(max(seconds), None)
+            self.view.note(f"machine-speed probe at rest: {min(seconds):.3f}-{max(seconds):.3f} s over {IDLE_PROBES} "
+                           f"probes; a run with a probe over {self.idle.probe_seconds:.3f} s "
+                           f"x {1 + self.config.contention_tolerance:.2f} shared its machine")
+        return self.idle
 
     def stop_if_untrusted(self) -> None:
         """A changed harness or data cache cannot be trusted, nor restored from git: stop."""
@@ -566,7 +583,7 @@ class TrainRun:
     seed: int
     problem: str | None
     contended: str | None  # why the run was not alone on its machine; None when it was
-    reference: Reference  # the machine-speed reference it was compared with (its own probes for the first run)
+    reference: Reference  # the machine-speed reference it was compared with (for a tag's first run: the idle probes')
     probe_seconds: float  # the slower probe around the run: a clean first baseline's is the tag's reference
     probe_ratio: float  # the slower probe around the run over the reference
 
