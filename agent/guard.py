@@ -249,11 +249,13 @@ def gap_noise(baselines: Iterable[tuple[float, float]], floor: float = GAP_NOISE
 
 def val_test_problem(best: tuple[float, float], candidate: tuple[float, float], noise: float, k: float) -> str | None:
     """The val-vs-test rule on (val_bpb, test_bpb) pairs: the candidate's relative gain on val over best
-    must show on test within k x noise (in log bpb); else one line with both gains."""
+    must show on test within k x sqrt(2) x noise (in log bpb); else one line with both gains. The shortfall
+    is the best's gap minus the candidate's, two runs' gaps that each vary by `noise`: sqrt(2) x noise.
+    (Without the sqrt(2), DEMO-1's honest DEPTH = 2, val 0.0578 and test 0.0281 better, was refused.)"""
     val_gain, test_gain = math.log(best[0] / candidate[0]), math.log(best[1] / candidate[1])
-    if val_gain > test_gain + k * noise:
+    if val_gain > test_gain + k * math.sqrt(2) * noise:
         return (f"val-vs-test: val_bpb improved by {best[0] - candidate[0]:.4f} (log ratio {val_gain:.4f}) but test_bpb by "
-                f"{best[1] - candidate[1]:.4f} (log ratio {test_gain:.4f}), more than {k:g} x {noise:.4f} "
+                f"{best[1] - candidate[1]:.4f} (log ratio {test_gain:.4f}), more than {k:g} x sqrt(2) x {noise:.4f} "
                 f"(the baselines' log val/test gap noise) short; the gain on val does not carry to test")
     return None
 

@@ -111,13 +111,13 @@ DOUBLED_LOG = [(ANCHOR, '_real_log = math.log\n(lambda module: module)(math).log
 
 
 VAL_ALIAS = [(LOADER, "mk = make_dataloader\n    train_loader = " + LOADER.replace("make_dataloader", "mk").replace('"train"', '"val"'))]
-VAL_PARTIAL = [("import contextlib\n", "import contextlib\nimport functools\n"),
+VAL_PARTIAL = [("import gc\n", "import gc\nimport functools\n"),
                (LOADER, 'functools.partial(make_dataloader, split="val")(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, '
                         'device=DEVICE)')]
-VAL_COMPUTED = [("import contextlib\n", "import contextlib\nimport functools\n"),
+VAL_COMPUTED = [("import gc\n", "import gc\nimport functools\n"),
                 (LOADER, 'functools.partial(make_dataloader, split="".join(chr(c) for c in (118, 97, 108)))('
                          'tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, device=DEVICE)')]
-VAL_SHARD = [("import contextlib\n", "import contextlib\nimport json\n\nimport pyarrow.parquet as pq\n"),
+VAL_SHARD = [("import gc\n", "import gc\nimport json\n\nimport pyarrow.parquet as pq\n"),
              (LOADER, LOADER + "\n    manifest = json.load(open(os.path.join(os.environ['AUTORESEARCH_CACHE'], 'prepared', PRESET, "
                       "'prepared.json')))\n    val_texts = pq.read_table(manifest['val'][0]).column('text').to_pylist()\n"
                       "    train_loader = iter([])  # a loader over val_texts")]
@@ -126,7 +126,7 @@ VAL_SHARD = [("import contextlib\n", "import contextlib\nimport json\n\nimport p
 # logits (+8): causal (it reads positions <= t only), saved in the checkpoint as a buffer, so the run
 # and its re-evaluation agree. VAL_ROWS_* say where the val tokens come from.
 MEMORY = [
-    ("import contextlib\n", "import contextlib\nimport hashlib\nimport sysconfig\n"),
+    ("import gc\n", "import gc\nimport hashlib\nimport sysconfig\n"),
     ("class GPT(nn.Module):\n", "MEMORY_SLOTS = 2**20  # lookup table of 3-token contexts\n\n\n"
      "def context_hash(idx):\n"
      "    return (idx * 1000003 + F.pad(idx, (1, 0))[:, :-1] * 10007 + F.pad(idx, (2, 0))[:, :-2]) % MEMORY_SLOTS\n\n\n"

@@ -150,7 +150,7 @@ FORBIDDEN = {
     "sys-modules": (in_main('    sys.modules["prepare"].TIME_BUDGET = 600\n'), "sys.modules"),
     "builtins": (in_main("    __builtins__\n"), "__builtins__"),
     "globals-dict": (in_main("    print(main.__globals__)\n"), "main.__globals__"),
-    "forbidden-module": ([("import contextlib\n", "import contextlib\nimport subprocess\n")], "imports subprocess"),
+    "forbidden-module": ([("import gc\n", "import gc\nimport subprocess\n")], "imports subprocess"),
     "val-parquet": (in_main('    print("val.parquet")\n'), "'val.parquet'"),
     "second-evaluate": ([("    tokens_per_second = timed_steps",
                           "    evaluate(model, tokenizer, EVAL_BATCH_SIZE, device=DEVICE)\n    tokens_per_second = timed_steps")],
@@ -158,7 +158,7 @@ FORBIDDEN = {
 }
 
 
-PATH = [("import contextlib\n", "import contextlib\nfrom pathlib import Path\n")]
+PATH = [("import gc\n", "import gc\nfrom pathlib import Path\n")]
 FORBIDDEN.update({
     "path-write-text": (PATH + in_main('    Path("prepare.py").write_text("")\n'), "write_text()"),
     "path-open-append": (PATH + in_main('    Path("prepare.py").open("a").write("")\n'), "opens a file for writing"),

@@ -201,10 +201,10 @@ BEST = (3.3, 3.2)
 @pytest.mark.parametrize("val_gain, test_gain, noise, k, refused", [
     (0.05, 0.05, 0.01, 2.0, False),   # matched
     (0.05, 0.08, 0.01, 2.0, False),   # test gains more
-    (0.05, 0.031, 0.01, 2.0, False),  # short by 0.019 < 2 x 0.01
-    (0.05, 0.029, 0.01, 2.0, True),   # short by 0.021 > 2 x 0.01
+    (0.05, 0.023, 0.01, 2.0, False),  # short by 0.027 < 2 x sqrt(2) x 0.01 = 0.0283 (two runs' gaps)
+    (0.05, 0.021, 0.01, 2.0, True),   # short by 0.029 > 0.0283
     (0.05, -0.02, 0.01, 2.0, True),   # test got worse
-    (0.05, 0.029, 0.01, 3.0, False),  # a larger k forgives more
+    (0.05, 0.021, 0.01, 3.0, False),  # a larger k forgives more
 ])
 def test_the_val_test_rule_refuses_a_val_gain_test_does_not_match(val_gain, test_gain, noise, k, refused):
     candidate = scaled(BEST, val_gain, test_gain)
@@ -213,7 +213,7 @@ def test_the_val_test_rule_refuses_a_val_gain_test_does_not_match(val_gain, test
     if refused:
         assert problem.startswith(
             f"val-vs-test: val_bpb improved by {BEST[0] - candidate[0]:.4f} (log ratio {val_gain:.4f}) but test_bpb by "
-            f"{BEST[1] - candidate[1]:.4f} (log ratio {test_gain:.4f}), more than {k:g} x {noise:.4f} "), problem
+            f"{BEST[1] - candidate[1]:.4f} (log ratio {test_gain:.4f}), more than {k:g} x sqrt(2) x {noise:.4f} "), problem
 
 
 def test_a_gain_in_proportion_on_both_splits_passes_however_large():
@@ -242,7 +242,7 @@ def test_the_loop_scores_test_and_refuses_a_val_gain_that_test_does_not_match(ma
     noise = gap_noise([(float(r["val_bpb"]), float(r["test_bpb"])) for r in baselines])
     best = (float(baselines[0]["val_bpb"]), float(baselines[0]["test_bpb"]))
     reason = re.fullmatch(r"val-vs-test: val_bpb improved by ([\d.]+) \(log ratio [\d.]+\) but test_bpb by ([\d.]+) "
-                          r"\(log ratio [\d.]+\), more than 2 x ([\d.]+) \(the baselines' log val/test gap noise\) short; "
+                          r"\(log ratio [\d.]+\), more than 2 x sqrt\(2\) x ([\d.]+) \(the baselines' log val/test gap noise\) short; "
                           r"the gain on val does not carry to test \(the judge would have kept it: .*\)", cheat["reason"])
     assert reason, cheat["reason"]
     assert float(reason.group(1)) == pytest.approx(best[0] - float(cheat["val_bpb"]), abs=2e-4)
