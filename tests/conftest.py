@@ -77,3 +77,14 @@ def assert_user_error():
         return message
 
     return check
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """For tests of tiny tensors, where a second torch thread only waits for a busy core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

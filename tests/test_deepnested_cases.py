@@ -10,12 +10,7 @@ import torch.nn as nn
 import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: a second thread only waits
 
 
 class Regression(nn.Module):

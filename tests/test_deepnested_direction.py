@@ -13,13 +13,7 @@ import torch.nn.functional as F
 import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second thread only waits for a busy core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: a second thread only waits
 
 
 CLASSIFIER_BASE_LR = 1e-2  # role_param_groups' base_lr for the classifier: good for both roles (measured)
