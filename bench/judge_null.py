@@ -3,7 +3,7 @@ False-keep rate of the judges on null changes: the unchanged train.py run severa
 way of casting those same runs as the loop would (two baselines, a candidate with the first
 baseline's seed, a confirming re-run when the noise judge asks for one) judged by both rules.
 
-Usage: python bench/judge_null.py [--same-seed 6] [--other-seeds 4] [--budget 20]
+Usage: python -m bench.judge_null [--same-seed 6] [--other-seeds 4] [--budget 20]
 Needs prepared data for the cpu preset. Prints `key: value` lines; goal false_keep_rate_noise <= 0.05
 (greedy keeps about half of null changes by construction). Cast with the loop's defaults (k, confirm margin).
 """
@@ -12,13 +12,9 @@ import argparse
 import itertools
 import statistics
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from judge_runs import BASE, FIRST_SEED, MeasureError, train  # noqa: E402
-
-from agent.judge import LOOP_CONFIRM_MARGIN, LOOP_K, judge_greedy, judge_noise, noise_floor  # noqa: E402
+from agent.judge import LOOP_CONFIRM_MARGIN, LOOP_K, judge_greedy, judge_noise, noise_floor
+from bench.judge_runs import BASE, FIRST_SEED, MeasureError, train
 
 SEED = FIRST_SEED
 

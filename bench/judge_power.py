@@ -13,8 +13,8 @@ times the null variants' paired sigma, the scale a paired comparison sees, which
 cannot inflate). Beside the measured rates, `model_` lines give the same rates on a Gaussian model with the
 measured sigmas (many more cases than a few seeds allow).
 
-Usage: python bench/judge_power.py [--runs runs.json] [--seeds 4] [--budget 60] [--minutes 9]
-       python bench/judge_power.py --runs runs.json --no-train     # recompute from recorded runs only
+Usage: python -m bench.judge_power [--runs runs.json] [--seeds 4] [--budget 60] [--minutes 9]
+       python -m bench.judge_power --runs runs.json --no-train     # recompute from recorded runs only
 Needs prepared data for the cpu preset (unless --no-train). Saves each run to --runs as it finishes; with
 --minutes it stops starting runs after that long and exits 3, so the next call with the same --runs resumes.
 Prints `key: value` lines for each judge: `noise` (its floor from the baselines' cross-seed sigma), `greedy`,
@@ -40,11 +40,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from judge_runs import BASE, FIRST_SEED, REPO, MeasureError, Run, measure  # noqa: E402
-
-from agent.judge import JUDGES, noise_floor  # noqa: E402
+from agent.judge import JUDGES, noise_floor
+from bench.judge_runs import BASE, FIRST_SEED, REPO, MeasureError, Run, measure
 
 NULL_VARIANTS = ("MATRIX_LR*1.0001", "EMBEDDING_LR*1.0001")  # alter the trajectory, not the expected result
 SHIFTS = (1, 2, 3, 5)  # planted improvements, in cross-seed sigmas

@@ -15,7 +15,7 @@ time; meta_update_memory_ratio is the peak resident memory a meta-update adds ov
 (the kernel's peak counter reset before each, Linux), the model and optimizer state already held: whether the
 meta-update fits where training fits. meta_update_amortised_overhead spreads it over DN_META_UPDATE_FREQ steps.
 
-Usage: python bench/optimizer_step.py [--rounds 8] [--warmup 1] [--meta-repeats 3] [--gpu-width 128]
+Usage: python -m bench.optimizer_step [--rounds 8] [--warmup 1] [--meta-repeats 3] [--gpu-width 128]
 Prints `key: value` lines; exits non-zero if any measurement fails.
 """
 
@@ -27,7 +27,6 @@ import sys
 import time
 
 os.environ.setdefault("AUTORESEARCH_PRESET", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402

@@ -4,12 +4,11 @@ The reference a tuned train.py must beat on the cpu preset: a plain ~60-line GPT
 half of the budget, as train.py's does), trained for the same budget on the same data and scored by the
 same prepare.evaluate. Prints `val_bpb: ...` and friends.
 
-Usage: AUTORESEARCH_PRESET=cpu python bench/plain_gpt.py [--lr 3e-3] [--seconds 60] [--seed 42]
+Usage: AUTORESEARCH_PRESET=cpu python -m bench.plain_gpt [--lr 3e-3] [--seconds 60] [--seed 42]
 """
 
 import argparse
 import math
-import os
 import sys
 import time
 
@@ -17,8 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate, make_dataloader  # noqa: E402
+from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate, make_dataloader
 
 
 class Block(nn.Module):

@@ -4,7 +4,7 @@ probe's worker once, probes N times on a quiet machine, then probes while HOGS b
 the bench starts run beside it. A run costs two probes (before and after). The worker's CPU time per
 probe does not depend on the load: on an idle machine a probe's wall time is about that over its threads.
 
-Usage: python bench/probe_cost.py [--probes 20] [--hog-probes 5] [--hogs 2] [--device cpu|cuda]
+Usage: python -m bench.probe_cost [--probes 20] [--hog-probes 5] [--hogs 2] [--device cpu|cuda]
 Prints `key: value` lines; exits non-zero when the probe fails.
 """
 
@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from agent.probe import Probe, ProbeError  # noqa: E402
+from agent.probe import Probe, ProbeError
 
 RUN_SECONDS = 300.0  # the gpu preset's budget, against which the cost is a percentage
 TOLERANCE = 0.10  # the loop's default --contention-tolerance

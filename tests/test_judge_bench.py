@@ -4,18 +4,13 @@ file, and smoke tests of bench/judge_power.py and bench/judge_null.py."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-
-from judge_power import Sigmas, cast, decide, first_values, measure_sigmas, model_rate  # noqa: E402
-from judge_runs import MeasureError, Run, load_runs, measure, save_runs, source_sha256, variant_source  # noqa: E402
-
-from agent.judge import NoiseFloor, judge_greedy, judge_noise  # noqa: E402
+from agent.judge import NoiseFloor, judge_greedy, judge_noise
+from bench.judge_power import Sigmas, cast, decide, first_values, measure_sigmas, model_rate
+from bench.judge_runs import MeasureError, Run, load_runs, measure, save_runs, source_sha256, variant_source
 
 NULL = "MATRIX_LR*1.0001"
 
@@ -147,7 +142,7 @@ def recorded(tmp_path: Path) -> Path:
 
 def test_judge_power_from_recorded_runs(tmp_path, run_python):
     path = recorded(tmp_path)
-    result = run_python("bench/judge_power.py", "--runs", str(path), "--no-train", "--better", "MATRIX_LR=0.05",
+    result = run_python("-m", "bench.judge_power", "--runs", str(path), "--no-train", "--better", "MATRIX_LR=0.05",
                         "--no-model", timeout=120)
     assert result.returncode == 0, result.stderr
     values = dict(line.split(": ", 1) for line in result.stdout.splitlines())
@@ -165,7 +160,7 @@ def test_judge_power_from_recorded_runs(tmp_path, run_python):
 
 def test_judge_power_says_what_is_missing(tmp_path, run_python):
     path = recorded(tmp_path)
-    result = run_python("bench/judge_power.py", "--runs", str(path), "--no-train", "--seeds", "5", timeout=120)
+    result = run_python("-m", "bench.judge_power", "--runs", str(path), "--no-train", "--seeds", "5", timeout=120)
     assert result.returncode == 3
     # seed 46 lacks base and both null variants (16 runs: 5 seeds x 3 variants + 1 rerun of base on 42)
     assert "3 of 16 runs are still to measure at --budget 60; run again with the same --runs" in result.stderr
@@ -175,7 +170,7 @@ def test_judge_power_says_what_is_missing(tmp_path, run_python):
 def test_judge_power_refuses_a_broken_runs_file(tmp_path, run_python, assert_user_error):
     path = tmp_path / "runs.json"
     path.write_text("[1, 2]")
-    result = run_python("bench/judge_power.py", "--runs", str(path), "--no-train", timeout=120)
+    result = run_python("-m", "bench.judge_power", "--runs", str(path), "--no-train", timeout=120)
     assert_user_error(result, "is not a runs file written by the judge benches")
     assert path.read_text() == "[1, 2]"
 
@@ -183,7 +178,7 @@ def test_judge_power_refuses_a_broken_runs_file(tmp_path, run_python, assert_use
 @pytest.mark.slow
 def test_judge_power_trains_and_resumes(tmp_path, run_python, prepared_builtin):
     path = tmp_path / "runs.json"
-    args = ("bench/judge_power.py", "--runs", str(path), "--seeds", "2", "--same-seed", "1", "--null", NULL,
+    args = ("-m", "bench.judge_power", "--runs", str(path), "--seeds", "2", "--same-seed", "1", "--null", NULL,
             "--baseline-repeats", "2", "--max-runs", "2", "--budget", "1", "--no-model")
     first = run_python(*args, timeout=600)
     assert first.returncode == 0, first.stderr
@@ -195,7 +190,7 @@ def test_judge_power_trains_and_resumes(tmp_path, run_python, prepared_builtin):
 
 @pytest.mark.slow
 def test_judge_null_smoke(run_python, prepared_builtin):
-    result = run_python("bench/judge_null.py", "--same-seed", "3", "--other-seeds", "1", "--budget", "1", timeout=600)
+    result = run_python("-m", "bench.judge_null", "--same-seed", "3", "--other-seeds", "1", "--budget", "1", timeout=600)
     assert result.returncode == 0, result.stderr
     assert "false_keep_rate_noise: " in result.stdout
     assert "runs: 4" in result.stdout

@@ -12,7 +12,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_bench_prints_the_step_state_and_meta_update_ratios(tmp_path):
     env = dict(os.environ, AUTORESEARCH_PRESET="cpu", AUTORESEARCH_CACHE=str(tmp_path))
-    done = subprocess.run([sys.executable, "bench/optimizer_step.py", "--rounds", "1", "--warmup", "0",
+    done = subprocess.run([sys.executable, "-m", "bench.optimizer_step", "--rounds", "1", "--warmup", "0",
                            "--meta-repeats", "1", "--gpu-width", "32"], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr

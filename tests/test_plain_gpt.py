@@ -12,7 +12,7 @@ def summary(stdout: str) -> dict[str, str]:
 
 
 def test_plain_gpt_trains_and_reports(prepared_builtin, run_python):
-    runs = [run_python("bench/plain_gpt.py", "--seconds", "1", "--seed", seed) for seed in ("1", "2")]
+    runs = [run_python("-m", "bench.plain_gpt", "--seconds", "1", "--seed", seed) for seed in ("1", "2")]
 
     for run in runs:
         assert run.returncode == 0, run.stdout + run.stderr

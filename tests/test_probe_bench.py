@@ -1,4 +1,4 @@
-"""Smoke test of bench/probe_cost.py with tiny arguments: it runs, as a script and as a module, and prints its keys."""
+"""Smoke test of bench/probe_cost.py with tiny arguments: it runs as a module and prints its keys."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ KEYS = ("probe_seconds_median", "probe_cost_per_run_seconds", "probe_cost_percen
 
 
 def test_probe_cost_prints_its_keys() -> None:
-    done = subprocess.run([sys.executable, "bench/probe_cost.py", "--probes", "2", "--hog-probes", "1"],
+    done = subprocess.run([sys.executable, "-m", "bench.probe_cost", "--probes", "2", "--hog-probes", "1"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     values = dict(line.split(": ", 1) for line in done.stdout.splitlines())
