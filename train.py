@@ -368,8 +368,8 @@ class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, param_groups, scalar_device="cpu"):
         super().__init__(param_groups, defaults={})
         # each group's hyperparameters as 0-D tensors, so a compiled step does not recompile when a value changes
-        self.hyper = [{key: torch.zeros((), device=scalar_device) for key in ("lr", "momentum", "wd", "beta1", "beta2",
-                                                                              "eps")} for _ in self.param_groups]
+        keys = ("lr", "momentum", "wd", "beta1", "beta2", "eps")
+        self.hyper = [{key: torch.zeros((), device=scalar_device) for key in keys} for _ in self.param_groups]
 
     def _load_hyper(self, group, h):
         """The group's current hyperparameters into its 0-D tensors h (Muon has no betas, AdamW no momentum)."""

@@ -135,6 +135,12 @@ def test_the_seeds_arguments_are_accepted_and_defaults_come_from_the_dn_constant
                                                                        train.DN_MAX_GRAD_NORM)
 
 
+def test_without_groups_it_takes_the_groups_of_train_pys_gpt():
+    model = tiny_gpt()
+    taken, expected = train.DeepNestedOptimizer(model).param_groups, train.param_groups(model)
+    assert [[id(p) for p in g["params"]] for g in taken] == [[id(p) for p in g["params"]] for g in expected]
+
+
 def test_update_meta_components_runs_one_meta_step_by_hand():
     torch.manual_seed(0)
     model = Regression()
