@@ -78,6 +78,9 @@ DN_META_ROWS = {"gpu": 16, "cpu": 4}[PRESET]  # rows of each batch in a meta-upd
 DN_MAX_GRAD_NORM = 0.0         # clip the model's gradient norm to this before the update (0: off; the seed's 1.0)
 DN_SAMPLE_SIZE = 4096          # entries per tensor sampled for the meta-features and signals
 DN_META_GRAD_CLIP = 1.0        # the meta-gradient's norm is clipped to this
+DN_USE_COMPILE = False         # torch.compile the controller and the momentum network
+DN_USE_CUDA_GRAPH = False      # CUDA: replay the update (after clipping and the learned parts) as a CUDA graph ...
+DN_CUDA_GRAPH_WARMUP_STEPS = 3  # ... captured after this many eager steps
 
 # Run
 SEED = int(os.environ.get("AUTORESEARCH_SEED", "42"))  # the initialisation; the data order is prepare's, fixed
@@ -89,12 +92,7 @@ LOSS_LIMIT = 100.0             # a training loss above this (or NaN) ends the ru
 # Device
 # ---------------------------------------------------------------------------
 
-if torch.cuda.is_available():
-    DEVICE = torch.device("cuda")
-elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-    DEVICE = torch.device("mps")
-else:
-    DEVICE = torch.device("cpu")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
 COMPILE = DEVICE.type == "cuda"  # a cold compile costs ~25 s on two CPU cores: not worth it there
 AUTOCAST_DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else None
 PEAK_FLOPS = {"H100": 989.5e12, "H200": 989.5e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}  # dense bf16
@@ -105,9 +103,7 @@ def compile_on_cuda(fn):
 
 
 def autocast():
-    if AUTOCAST_DTYPE is None:
-        return torch.autocast(device_type="cpu", enabled=False)
-    return torch.autocast(device_type=DEVICE.type, dtype=AUTOCAST_DTYPE)
+    return torch.autocast(DEVICE.type, dtype=AUTOCAST_DTYPE, enabled=AUTOCAST_DTYPE is not None)
 
 # ---------------------------------------------------------------------------
 # GPT
@@ -218,9 +214,8 @@ class GPT(nn.Module):
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, config.n_embd)
                                            for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)})
-        cos, sin = self._rotary(config.sequence_len, config.n_embd // config.n_head)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("cos", None, persistent=False)  # init_weights computes both on the model's device
+        self.register_buffer("sin", None, persistent=False)
 
     @staticmethod
     def _windows(config):
@@ -253,12 +248,11 @@ class GPT(nn.Module):
         self.x0_lambdas.fill_(0.1)
         for ve in self.value_embeds.values():
             nn.init.uniform_(ve.weight, -s, s)
-        cos, sin = self._rotary(self.config.sequence_len, self.config.n_embd // self.config.n_head, device=self.wte.weight.device)
-        self.cos, self.sin = cos, sin
         if self.wte.weight.is_cuda:  # embeddings are lookups: bf16 halves their memory traffic
-            self.wte.to(dtype=torch.bfloat16)
-            for ve in self.value_embeds.values():
-                ve.to(dtype=torch.bfloat16)
+            for embedding in (self.wte, *self.value_embeds.values()):
+                embedding.to(dtype=torch.bfloat16)
+        self.cos, self.sin = (t.to(self.wte.weight.dtype) for t in self._rotary(  # the embeddings' dtype
+            self.config.sequence_len, self.config.n_embd // self.config.n_head, device=self.wte.weight.device))
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -273,8 +267,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         """Logits (B, T, vocab) for the inputs; with targets, the mean cross-entropy instead."""
         B, T = idx.size()
-        cos_sin = self.cos[:, :T].to(self.wte.weight.dtype if idx.is_cuda else torch.float32), self.sin[:, :T]
-        cos_sin = (cos_sin[0], cos_sin[1].to(cos_sin[0].dtype))
+        cos_sin = self.cos[:, :T], self.sin[:, :T]
         x = norm(self.wte(idx))
         x0 = x
         for i, block in enumerate(self.blocks):
@@ -372,27 +365,29 @@ def adamw_step_fused(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_
 class MuonAdamW(torch.optim.Optimizer):
     """Muon for hidden matrices (groups of one shape, stacked), AdamW for everything else."""
 
-    def __init__(self, param_groups):
+    def __init__(self, param_groups, scalar_device="cpu"):
         super().__init__(param_groups, defaults={})
-        # 0-D tensors, so a compiled step does not recompile when a value changes
-        self._t = {k: torch.tensor(0.0) for k in ("step", "lr", "beta1", "beta2", "eps", "wd", "momentum")}
+        # each group's hyperparameters as 0-D tensors, so a compiled step does not recompile when a value changes
+        keys = ("lr", "momentum", "wd", "beta1", "beta2", "eps")
+        self.hyper = [{key: torch.zeros((), device=scalar_device) for key in keys} for _ in self.param_groups]
 
-    def _step_adamw(self, group):
-        t = self._t
+    def _load_hyper(self, group, h):
+        """The group's current hyperparameters into its 0-D tensors h (Muon has no betas, AdamW no momentum)."""
+        beta1, beta2 = group.get("betas", (0.0, group.get("beta2", 0.0)))
+        for key, value in (("lr", group["lr"]), ("momentum", group.get("momentum", 0.0)), ("wd", group["weight_decay"]),
+                           ("beta1", beta1), ("beta2", beta2), ("eps", group.get("eps", 0.0))):
+            h[key].fill_(value)
+
+    def _step_adamw(self, group, h, lr):
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
             if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            for key, value in (("step", state["step"]), ("lr", group["lr"]), ("beta1", group["betas"][0]),
-                               ("beta2", group["betas"][1]), ("eps", group["eps"]), ("wd", group["weight_decay"])):
-                t[key].fill_(value)
-            adamw_step_fused(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                             t["step"], t["lr"], t["beta1"], t["beta2"], t["eps"], t["wd"])
+                state.update(step=lr.new_zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            state["step"] += 1  # in place: a tensor, like the hyperparameters
+            adamw_step_fused(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr, h["beta1"],
+                             h["beta2"], h["eps"], h["wd"])
 
     def _muon_state(self, group):
         params = group["params"]
@@ -404,30 +399,26 @@ class MuonAdamW(torch.optim.Optimizer):
             state["second_moment"] = torch.zeros(moment_shape, dtype=params[0].dtype, device=params[0].device)
         return state
 
-    def _step_muon(self, group):
+    def _step_muon(self, group, h):
         params = group["params"]
-        if not params or params[0].grad is None:
+        if params[0].grad is None:
             return
-        state = self._muon_state(group)
-        rows, cols = params[0].shape
+        state, (rows, cols) = self._muon_state(group), params[0].shape
         grads, stacked = torch.stack([p.grad for p in params]), torch.stack(params)
-        t = self._t
-        t["momentum"].fill_(group["momentum"])
-        t["beta2"].fill_(group["beta2"])
-        t["lr"].fill_(group["lr"] * max(1.0, rows / cols) ** 0.5)
-        t["wd"].fill_(group["weight_decay"])
-        muon_step_fused(grads, stacked, state["momentum_buffer"], state["second_moment"], t["momentum"],
-                        t["lr"], t["wd"], t["beta2"], group["ns_steps"], -1 if rows >= cols else -2)
+        muon_step_fused(grads, stacked, state["momentum_buffer"], state["second_moment"], h["momentum"],
+                        h["lr"] * max(1.0, rows / cols) ** 0.5, h["wd"], h["beta2"], group["ns_steps"],
+                        -1 if rows >= cols else -2)
         torch._foreach_copy_(params, list(stacked.unbind(0)))
 
     @torch.no_grad()
     def step(self, loss=None):
         """One update; `loss` (this step's training loss) is unused here, learned optimizers read it."""
-        for group in self.param_groups:
+        for group, h in zip(self.param_groups, self.hyper):
+            self._load_hyper(group, h)
             if group["kind"] == "adamw":
-                self._step_adamw(group)
+                self._step_adamw(group, h, h["lr"])
             else:
-                self._step_muon(group)
+                self._step_muon(group, h)
 
 
 def param_groups(model):
@@ -451,7 +442,6 @@ def param_groups(model):
                                weight_decay=WEIGHT_DECAY, matrix=True))
     else:
         raise ValueError(f"MATRIX_OPTIMIZER must be 'muon' or 'adamw', got {MATRIX_OPTIMIZER!r}")
-    groups = [g for g in groups if g["params"]]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     for g in groups:
         g["initial_lr"] = g["lr"]
@@ -462,7 +452,7 @@ def build_optimizer(model):
     if OPTIMIZER == "muon":
         return MuonAdamW(param_groups(model))
     if OPTIMIZER == "deepnested":
-        return DeepNestedOptimizer(model, param_groups=param_groups(model))  # every other setting: the DN_* constants
+        return DeepNestedOptimizer(model, param_groups(model))  # every other setting: the DN_* constants
     raise ValueError(f"OPTIMIZER must be 'muon' or 'deepnested', got {OPTIMIZER!r}")
 
 # ---------------------------------------------------------------------------
@@ -470,29 +460,6 @@ def build_optimizer(model):
 # ---------------------------------------------------------------------------
 
 HIDDEN, OTHER = 0, 1  # roles: hidden matrices; embeddings, head and scalars
-
-
-def role_param_groups(model, base_lr, weight_decay):
-    """
-    MuonAdamW groups by role for any module: 2-D nn.Linear weights are hidden matrices (Muon), except an
-    unembedding (out_features = some nn.Embedding's num_embeddings); embeddings and every other parameter
-    (0-/1-D ones included) go to AdamW. Muon's LR is scaled to AdamW's update RMS, so one base_lr serves both.
-    """
-    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    vocab, embedding_ids = {m.num_embeddings for m in embeddings}, {id(m.weight) for m in embeddings}
-    hidden_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)
-                  and m.out_features not in vocab and id(m.weight) not in embedding_ids}
-    params = [p for p in model.parameters() if p.requires_grad]
-    hidden = [p for p in params if id(p) in hidden_ids]
-    groups = [dict(kind="adamw", params=[p for p in params if id(p) not in hidden_ids], lr=base_lr,
-                   betas=ADAM_BETAS, eps=1e-10, weight_decay=0.0)]
-    for rows, cols in sorted({p.shape for p in hidden}):
-        # Muon's update has RMS ~ 1 / sqrt(max(rows, cols)) after MuonAdamW's sqrt(rows / cols) scaling; AdamW's ~ 0.2
-        lr = 0.2 * base_lr * max(rows, cols) ** 0.5 / max(1.0, rows / cols) ** 0.5
-        groups.append(dict(kind="muon", params=[p for p in hidden if p.shape == (rows, cols)], lr=lr,
-                           momentum=MUON_MOMENTUM_END, ns_steps=MUON_NS_STEPS, beta2=MUON_BETA2,
-                           weight_decay=weight_decay, matrix=True))
-    return [g for g in groups if g["params"]]
 
 
 def log_ratio(a, b):
@@ -524,17 +491,15 @@ class MetaMLP(nn.Module):
 
 
 class FeatureNorm(nn.Module):
-    """Standardises feature columns by running (bias-corrected EMA) statistics, clipped to [-5, 5]; or passes them."""
+    """Standardises feature columns by running (bias-corrected EMA) statistics, clipped to [-5, 5]."""
 
-    def __init__(self, n, enabled, decay=0.99):
+    def __init__(self, n, decay=0.99):
         super().__init__()
-        self.enabled, self.decay, self.count = enabled, decay, 0
+        self.decay, self.count = decay, 0
         self.register_buffer("mean", torch.zeros(n))
         self.register_buffer("var", torch.zeros(n))
 
     def forward(self, f):
-        if not self.enabled:
-            return f
         self.count += 1
         w = (1 - self.decay) / (1 - self.decay ** self.count)
         self.mean.lerp_(f.mean(0), w)
@@ -543,48 +508,44 @@ class FeatureNorm(nn.Module):
 
 
 class DeepNestedOptimizer(MuonAdamW):
-    """
-    MuonAdamW with learned residual corrections. A controller maps normalised statistics of each role (hidden
-    matrices; the rest) to an LR multiplier in [min_lr_mult, max_lr_mult]; a momentum network maps those of each
-    Muon matrix to its momentum decay, its Nesterov mix and (CMS) the weights of slower momentum levels. Both
-    last layers start at zero, so until they learn, the update is MuonAdamW's. Their signals come from a fixed
-    random sample of DN_SAMPLE_SIZE entries per tensor, which is all that is stored of gradients and updates.
-      simple:   the hypergradient d loss_{t+1} / d log m_t = -lr g_{t+1}.u_t, normalised to -cos(g_{t+1}, u_t),
-                trains the controller; the momentum network learns to predict the next gradient,
-                1 - cos(direction_t, g_{t+1}), both every controller_update_freq steps.
+    """MuonAdamW with learned residual corrections. A controller maps normalised statistics of each role (hidden
+    matrices; the rest) to an LR multiplier in [DN_MIN_LR_MULT, DN_MAX_LR_MULT]; a momentum network maps those of
+    each Muon matrix to its momentum decay, its Nesterov mix and (CMS) the weights of slower momentum levels. Both
+    last layers start at zero: until they learn, the update is MuonAdamW's. Their signals come from a fixed random
+    sample of DN_SAMPLE_SIZE entries per tensor, all that is stored of gradients and updates.
+      simple:   the hypergradient d loss_{t+1} / d log m_t = -lr g_{t+1}.u_t, normalised to -cos(g_{t+1}, u_t), trains
+                the controller; the momentum network learns to predict the next gradient, 1 - cos(direction_t, g_{t+1}),
+                both every controller_update_freq steps.
       explicit: meta_update(), which the training loop calls every meta_update_freq steps, differentiates the
                 loss on a held-out batch through k_unroll update steps.
     Non-finite gradients skip the step (skipped_steps), touching no state; a tensor with zero or non-finite features
-    drops out of the meta-signal alone; a meta-step whose gradient is still non-finite counts in dropped_meta_steps.
-    """
+    drops out of the meta-signal alone; a meta-step whose gradient is still non-finite counts in dropped_meta_steps."""
     horizon_range = math.log(2)  # the learned momentum halves or doubles the base momentum's horizon at most
     cms_max_weight = 0.5         # largest |weight| of a slower CMS level in the momentum mix
 
-    def __init__(self, model, base_lr=3e-4, meta_lr=DN_META_LR, momentum_hidden_dim=DN_MOMENTUM_HIDDEN_DIM,
+    def __init__(self, model, groups=None, meta_lr=DN_META_LR, momentum_hidden_dim=DN_MOMENTUM_HIDDEN_DIM,
                  momentum_num_layers=DN_MOMENTUM_NUM_LAYERS, controller_hidden_dim=DN_CONTROLLER_HIDDEN_DIM,
                  controller_num_layers=DN_CONTROLLER_NUM_LAYERS, mode=DN_MODE, use_cms_updates=DN_USE_CMS,
-                 cms_frequencies=DN_CMS_FREQUENCIES, use_preprocessing=DN_USE_PREPROCESSING, weight_decay=WEIGHT_DECAY,
-                 max_grad_norm=DN_MAX_GRAD_NORM, meta_update_freq=DN_META_UPDATE_FREQ, k_unroll=DN_K_UNROLL,
-                 min_lr_mult=DN_MIN_LR_MULT, max_lr_mult=DN_MAX_LR_MULT, controller_update_freq=DN_CONTROLLER_UPDATE_FREQ,
-                 use_compile=False, use_cuda_graph=False, cuda_graph_warmup_steps=3, param_groups=None):
-        if mode == "implicit":
-            raise ValueError("mode='implicit' (implicit-function hypergradients) is not built here; use "
-                             "mode='explicit' for unrolled meta-gradients or mode='simple' for one-step hypergradients.")
+                 use_preprocessing=DN_USE_PREPROCESSING, max_grad_norm=DN_MAX_GRAD_NORM,
+                 meta_update_freq=DN_META_UPDATE_FREQ, k_unroll=DN_K_UNROLL, use_compile=DN_USE_COMPILE,
+                 controller_update_freq=DN_CONTROLLER_UPDATE_FREQ, use_cuda_graph=DN_USE_CUDA_GRAPH,
+                 cuda_graph_warmup_steps=DN_CUDA_GRAPH_WARMUP_STEPS):
         if mode not in ("simple", "explicit"):
-            raise ValueError(f"mode must be 'simple' or 'explicit', got {mode!r}")
-        if use_cuda_graph:
-            raise ValueError("use_cuda_graph is not built here (the learned step reads its multipliers on the host); "
-                             "use use_compile=True for fused kernels instead.")
-        groups = role_param_groups(model, base_lr, weight_decay) if param_groups is None else param_groups
+            raise ValueError(f"mode={mode!r} is not built here (implicit-function hypergradients included): use "
+                             "mode='explicit' for unrolled meta-gradients or mode='simple' for one-step ones.")
+        groups = param_groups(model) if groups is None else groups  # default: train.py's GPT's
+        device = groups[0]["params"][0].device
+        if use_cuda_graph and device.type != "cuda":
+            raise ValueError(f"use_cuda_graph=True captures the update on a CUDA device, and these parameters are on "
+                             f"{device.type}: leave use_cuda_graph=False here.")
         for g in groups:
-            g.setdefault("lr", base_lr)
-            g.setdefault("initial_lr", g["lr"])
+            g.setdefault("initial_lr", g["lr"])  # the LR schedule's reference (param_groups sets it)
             g["role"] = HIDDEN if g["kind"] == "muon" or g.get("matrix") else OTHER
-        super().__init__(groups)
-        self.model, self.mode, self.max_grad_norm, self.meta_grad_clip = model, mode, max_grad_norm, DN_META_GRAD_CLIP
+        super().__init__(groups, scalar_device=device)  # on the device: a captured graph reads this step's values
+        self.model, self.mode, self.max_grad_norm = model, mode, max_grad_norm
         self.meta_update_freq, self.k_unroll, self.controller_update_freq = meta_update_freq, k_unroll, controller_update_freq
-        self.log_min, self.log_max = math.log(min_lr_mult), math.log(max_lr_mult)
-        self.cms_frequencies = tuple(f for f in cms_frequencies if f > 1) if use_cms_updates else ()
+        self.log_min, self.log_max = math.log(DN_MIN_LR_MULT), math.log(DN_MAX_LR_MULT)
+        self.cms_frequencies = tuple(f for f in DN_CMS_FREQUENCIES if f > 1) if use_cms_updates else ()
         muon = [g for g in self.param_groups if g["kind"] == "muon"]
         ordered = muon + [g for g in self.param_groups if g["kind"] != "muon"]  # the momentum network's tensors first
         self.tensors = [p for g in ordered for p in g["params"]]
@@ -592,7 +553,7 @@ class DeepNestedOptimizer(MuonAdamW):
         for g in muon:
             g["hidden_slice"] = slice(self.n_hidden, self.n_hidden + len(g["params"]))
             self.n_hidden += len(g["params"])
-        device, generator = self.tensors[0].device, torch.Generator().manual_seed(0)
+        generator = torch.Generator().manual_seed(0)
         self.sample_idx = [torch.randperm(p.numel(), generator=generator)[:DN_SAMPLE_SIZE].sort().values
                            .to(p.device, torch.int32) for p in self.tensors]
         self.sizes = torch.tensor([len(i) for i in self.sample_idx], device=device)
@@ -601,17 +562,21 @@ class DeepNestedOptimizer(MuonAdamW):
         levels = len(self.cms_frequencies)
         self.controller = MetaMLP(5 + 2, 2, controller_hidden_dim, controller_num_layers).to(device)
         self.momentum_net = MetaMLP(6 + levels, 2 + levels, momentum_hidden_dim, momentum_num_layers).to(device)
-        self.controller_norm = FeatureNorm(5, use_preprocessing).to(device)
-        self.momentum_norm = FeatureNorm(6 + levels, use_preprocessing).to(device)
+        self.controller_norm = (FeatureNorm(5) if use_preprocessing else nn.Identity()).to(device)
+        self.momentum_norm = (FeatureNorm(6 + levels) if use_preprocessing else nn.Identity()).to(device)
         if use_compile:
             self.controller.compile()
             self.momentum_net.compile()
-        self.meta_optimizer = torch.optim.Adam([*self.controller.parameters(), *self.momentum_net.parameters()],
-                                               lr=meta_lr, foreach=True)
+        self.meta_params = [*self.controller.parameters(), *self.momentum_net.parameters()]
+        self.meta_optimizer = torch.optim.Adam(self.meta_params, lr=meta_lr, foreach=True)
         self.ema_grad, self.ema_loss = None, torch.tensor(float("nan"), device=device)
         self.record, self.pending, self.dn_step, self.skipped_steps, self.dropped_meta_steps = None, False, 0, 0, 0
-        self.multipliers = [1.0, 1.0]
-        self.shift = self.cms_weights = None
+        # what the update reads besides the hyperparameters, overwritten in place at each refresh (see _update)
+        self.multipliers, self.no_momentum = torch.ones(2, device=device), torch.zeros((), device=device)
+        self.shift, self.cms_weights = (torch.zeros(self.n_hidden, n, device=device) for n in (2, levels))
+        self.cms_due = torch.zeros(levels, device=device)
+        self.capture_after = max(cuda_graph_warmup_steps, 1) if use_cuda_graph else math.inf  # eager steps
+        self.graph = self.graph_grads = None
 
     # -- sampled statistics ------------------------------------------------------------------------------------
 
@@ -623,12 +588,8 @@ class DeepNestedOptimizer(MuonAdamW):
 
     def _hidden_state(self, key):
         """Each Muon matrix's slice of its group's stacked state tensor `key` (None where there is none yet)."""
-        slices = []
-        for g in self.param_groups:
-            if g["kind"] == "muon":
-                stacked = self._muon_state(g).get(key)
-                slices += list(stacked.unbind(0)) if stacked is not None else [None] * len(g["params"])
-        return slices
+        return [matrix for g in self.param_groups if g["kind"] == "muon"
+                for matrix in self._muon_state(g).get(key, [None] * len(g["params"]))]
 
     def _per_tensor(self, x, n):
         """Sums of the sampled products x (samples, k) per tensor, for the first n tensors."""
@@ -643,7 +604,7 @@ class DeepNestedOptimizer(MuonAdamW):
     # -- the learned parts -------------------------------------------------------------------------------------
 
     def _log_multipliers(self, x):
-        """log LR multiplier per role: 0 at init, bounded smoothly to [log min_lr_mult, log max_lr_mult]."""
+        """log LR multiplier per role: 0 at init, bounded smoothly to [log DN_MIN_LR_MULT, log DN_MAX_LR_MULT]."""
         o = self.controller(x).diagonal()  # an output per role: one role's signal does not drag the other's
         bound = torch.where(o > 0, self.log_max, -self.log_min)
         return bound * torch.tanh(o / bound)
@@ -655,13 +616,11 @@ class DeepNestedOptimizer(MuonAdamW):
         return torch.expm1(self.horizon_range * torch.tanh(o[:, :2])), self.cms_max_weight * torch.tanh(o[:, 2:])
 
     def _features(self, g, p, m, loss):
-        """
-        Normalised statistics of the gradient g, the weights p and the momentum m (samples), never raw norms.
+        """Normalised statistics of the gradient g, the weights p and the momentum m (samples), never raw norms.
         x, per role, for the controller: log |g| / EMA |g|, log |u| / |p| for the last update u, cos(g, u),
         log loss / EMA loss, the LR schedule's factor, then the role as one-hot. y, per Muon matrix, for the
         momentum network: cos(g, m), cos(g, g_prev), log |g| / EMA |g|, the loss term, log(1 - base momentum),
-        the schedule's factor, and cos(g, level) per CMS level.
-        """
+        the schedule's factor, and cos(g, level) per CMS level."""
         prev, H, n = self.record, self.n_hidden_samples, len(self.tensors)
         u, g_prev = (prev["u"], prev["g"]) if prev else (torch.zeros_like(g), torch.zeros_like(g[:H]))
         levels = prev["c"] if prev and self.cms_frequencies else [torch.zeros_like(m)] * len(self.cms_frequencies)
@@ -694,11 +653,9 @@ class DeepNestedOptimizer(MuonAdamW):
         return x, self.momentum_norm(y), base
 
     def _prediction_loss(self, rec, g_next):
-        """
-        Mean over Muon matrices of 1 - cos(direction_t, g_{t+1}). The direction is linear in the stored samples,
+        """Mean over Muon matrices of 1 - cos(direction_t, g_{t+1}). The direction is linear in the stored samples,
         lerp(g_t, mix, nu) with mix = (1 - sum w) m_t + sum_l w_l c_l and m_t = lerp(m_{t-1}, g_t, 1 - beta),
-        so its cosine follows from their inner products per matrix, and autograd only sees a few numbers each.
-        """
+        so its cosine follows from their inner products per matrix, and autograd only sees a few numbers each."""
         v = [rec["g"], rec["m"], *rec["c"]]
         k = len(v)
         sums = self._per_tensor(torch.stack([a * g_next for a in v] + [a * b for a in v for b in v]
@@ -733,8 +690,7 @@ class DeepNestedOptimizer(MuonAdamW):
             self.pending = False
 
     def _meta_step(self):
-        params = [p for group in self.meta_optimizer.param_groups for p in group["params"]]
-        if torch.isfinite(torch.nn.utils.clip_grad_norm_(params, self.meta_grad_clip)):
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(self.meta_params, DN_META_GRAD_CLIP)):
             self.meta_optimizer.step()
         else:
             self.dropped_meta_steps += 1
@@ -765,10 +721,12 @@ class DeepNestedOptimizer(MuonAdamW):
             p = self._gather(self.tensors)
             record = dict(g=g[:H].clone(), m=self._gather(self._hidden_state("momentum_buffer")))
             x, y, base = self._features(g, p, record["m"], loss)
-            self.multipliers = self._log_multipliers(x).exp().tolist()
-            self.shift, self.cms_weights = self._momentum_corrections(y)
-        for group in self.param_groups:
-            self._apply(group, t)
+            torch._foreach_copy_([self.multipliers, self.shift, self.cms_weights],
+                                 [self._log_multipliers(x).exp(), *self._momentum_corrections(y)])
+        for group, h in zip(self.param_groups, self.hyper):
+            self._load_hyper(group, h)
+        self.cms_due.copy_(torch.tensor([float(t % f == 0) for f in self.cms_frequencies]))
+        self._update(t)
         if refresh:
             record.update(x=x, y=y, base=base, u=p - self._gather(self.tensors),
                           c=[self._gather(self._hidden_state(f"cms_{f}")) for f in self.cms_frequencies])
@@ -776,21 +734,37 @@ class DeepNestedOptimizer(MuonAdamW):
         self.pending = refresh
         self.dn_step += 1
 
-    def _apply(self, group, t):
-        """MuonAdamW's update of one group, with the learned multiplier and, for Muon, the learned momentum."""
-        mult = self.multipliers[group["role"]]
-        if group["kind"] == "adamw":
-            lr = group["lr"]
-            group["lr"] = lr * mult
-            self._step_adamw(group)
-            group["lr"] = lr
+    def _update(self, t):
+        """The update of every group: eager, or (use_cuda_graph) replayed from a CUDA graph captured once after the
+        warm-up steps. It reads this step's values from tensors written in place, and the gradients from copies at
+        fixed addresses (one more copy: backward allocates .grad anew); a step that lacks a gradient runs eagerly."""
+        grads = [p.grad for p in self.tensors]
+        if self.graph is not None and None not in grads:
+            torch._foreach_copy_(self.graph_grads, grads)
+            self.graph.replay()
             return
+        for group, h in zip(self.param_groups, self.hyper):
+            self._apply(group, h)
+        if self.graph is None and t + 1 >= self.capture_after and None not in grads:
+            self.graph_grads = [g.clone() for g in grads]
+            for p, g in zip(self.tensors, self.graph_grads):
+                p.grad = g
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records the update without running it (this step's ran above)
+                for group, h in zip(self.param_groups, self.hyper):
+                    self._apply(group, h)
+
+    def _apply(self, group, h):
+        """MuonAdamW's update of one group, with the learned multiplier and, for Muon, the learned momentum."""
+        lr = h["lr"] * self.multipliers[group["role"]]
+        if group["kind"] == "adamw":
+            return self._step_adamw(group, h, lr)
         params = group["params"]
         if params[0].grad is None:
             return
         state, (rows, cols), i = self._muon_state(group), params[0].shape, group["hidden_slice"]
         G, P, buf = torch.stack([p.grad for p in params]), torch.stack(params), state["momentum_buffer"]
-        b = group["momentum"]
+        b = h["momentum"]
         beta, nu = (b - (1 - b) * self.shift[i]).to(buf.dtype).unbind(1)
         buf.lerp_(G, (1 - beta).view(-1, 1, 1))
         mix = buf
@@ -798,32 +772,23 @@ class DeepNestedOptimizer(MuonAdamW):
             if f"cms_{f}" not in state:
                 state[f"cms_{f}"] = torch.zeros_like(buf, dtype=torch.bfloat16 if buf.is_cuda else buf.dtype)
             slow = state[f"cms_{f}"]
-            if t % f == 0:  # after this step's gradient is in buf
-                slow.lerp_(buf.to(slow.dtype), 1 - group["momentum"])
+            slow.lerp_(buf.to(slow.dtype), ((1 - b) * self.cms_due[level]).to(slow.dtype))  # due: every f steps
             mix = mix + self.cms_weights[i, level].view(-1, 1, 1) * (slow.to(buf.dtype) - buf)
         d = G.lerp_(mix, nu.view(-1, 1, 1))
-        tt = self._t
-        tt["momentum"].fill_(0.0)
-        tt["beta2"].fill_(group["beta2"])
-        tt["lr"].fill_(group["lr"] * mult * max(1.0, rows / cols) ** 0.5)
-        tt["wd"].fill_(group["weight_decay"])
-        # momentum 0: the fused step only orthogonalises, rescales and applies d (which doubles as its buffer)
-        muon_step_fused(d, P, d, state["second_moment"], tt["momentum"], tt["lr"], tt["wd"], tt["beta2"],
-                        group["ns_steps"], -1 if rows >= cols else -2)
+        # no momentum: the fused step only orthogonalises, rescales and applies d (which doubles as its buffer)
+        muon_step_fused(d, P, d, state["second_moment"], self.no_momentum, lr * max(1.0, rows / cols) ** 0.5, h["wd"],
+                        h["beta2"], group["ns_steps"], -1 if rows >= cols else -2)
         torch._foreach_copy_(params, list(P.unbind(0)))
 
     # -- explicit mode -----------------------------------------------------------------------------------------
 
-    def meta_update(self, train_batches, meta_batch, loss_fn=None):
-        """
-        One meta-step of both networks: from the current weights (left unchanged), k_unroll updates on the last
+    def meta_update(self, train_batches, meta_batch):
+        """One meta-step of both networks: from the current weights (left unchanged), k_unroll updates on the last
         train batches, then the loss on meta_batch (held out from training), differentiated back to the controller
         and the momentum network through every update's dependence on the multipliers and the momentum corrections.
         Each unrolled gradient is taken at the unrolled weights but held constant (first-order: no double backward),
         so a meta-update costs k_unroll + 1 forward/backward passes on DN_META_ROWS rows and the updates' own graph.
-        A batch is a tuple of the model's arguments; loss_fn(output, batch) makes the loss of the output (default:
-        the output is the loss). Returns the meta loss.
-        """
+        A batch: the model's arguments, with which it returns the loss. Returns the meta loss."""
         if self.record is None:
             return None
         names = {id(p): name for name, p in self.model.named_parameters()}
@@ -831,13 +796,7 @@ class DeepNestedOptimizer(MuonAdamW):
         keys = [k for ks in groups for k in ks]
         theta = {name: p.detach() for name, p in self.model.named_parameters()}
         buffers = dict(self.model.named_buffers())
-
-        def loss_at(params, batch):
-            out = functional_call(self.model, (params, buffers), tuple(batch))
-            return out if loss_fn is None else loss_fn(out, batch)
-
         rec = self.record
-        meta_params = [p for group in self.meta_optimizer.param_groups for p in group["params"]]
         with torch.enable_grad():
             with torch.autocast(rec["x"].device.type, enabled=False):  # the model may run in bf16, not these
                 mult = self._log_multipliers(rec["x"]).exp()
@@ -845,15 +804,15 @@ class DeepNestedOptimizer(MuonAdamW):
             inner = [self._unroll_state(g) for g in self.param_groups]
             for batch in list(train_batches)[-self.k_unroll:]:
                 at = {k: v.detach().requires_grad_(k in keys) for k, v in theta.items()}
-                grads = dict(zip(keys, torch.autograd.grad(loss_at(at, batch), [at[k] for k in keys],
-                                                           allow_unused=True)))
+                loss = functional_call(self.model, (at, buffers), tuple(batch))
+                grads = dict(zip(keys, torch.autograd.grad(loss, [at[k] for k in keys], allow_unused=True)))
                 for g, ks, s in zip(self.param_groups, groups, inner):
                     new = self._unrolled_update(g, [theta[k] for k in ks], [grads[k] for k in ks], s,
                                                 g["lr"] * mult[g["role"]], shift, w)
                     theta.update(zip(ks, new))
-            meta_loss = loss_at(theta, meta_batch)
-            meta_grads = torch.autograd.grad(meta_loss, meta_params, allow_unused=True)
-        for p, grad in zip(meta_params, meta_grads):
+            meta_loss = functional_call(self.model, (theta, buffers), tuple(meta_batch))
+            meta_grads = torch.autograd.grad(meta_loss, self.meta_params, allow_unused=True)
+        for p, grad in zip(self.meta_params, meta_grads):
             p.grad = grad
         self._meta_step()
         return meta_loss.detach()
@@ -862,7 +821,7 @@ class DeepNestedOptimizer(MuonAdamW):
         """The optimizer state a differentiable unroll starts from (read, never written)."""
         if group["kind"] == "adamw":
             states = [self.state[p] for p in group["params"]]
-            return dict(step=states[0].get("step", 0),
+            return dict(step=int(states[0].get("step", 0)),
                         m=[s["exp_avg"] if s else torch.zeros_like(p) for s, p in zip(states, group["params"])],
                         v=[s["exp_avg_sq"] if s else torch.zeros_like(p) for s, p in zip(states, group["params"])])
         state = self._muon_state(group)
@@ -899,21 +858,16 @@ class DeepNestedOptimizer(MuonAdamW):
 
     def get_lr_multipliers(self):
         """The current LR multiplier of each parameter group (one per role, shared by the role's groups)."""
-        return torch.tensor([self.multipliers[g["role"]] for g in self.param_groups])
+        return self.multipliers.cpu()[[g["role"] for g in self.param_groups]]
 
     def get_momentum_stats(self):
-        """Norms of the momentum (Muon buffers, AdamW first moments) per group and in total, and the learned
-        momentum decay and Nesterov mix of each Muon matrix."""
+        """Norms of the momentum (Muon buffers, AdamW first moments) per group and in total."""
         norms = []
         for g in self.param_groups:
-            key = "momentum_buffer" if g["kind"] == "muon" else "exp_avg"
-            states = [self.state[g["params"][0]]] if g["kind"] == "muon" else [self.state[p] for p in g["params"]]
-            norms.append(math.sqrt(sum(s[key].float().square().sum().item() for s in states if key in s)))
-        muon = [g for g in self.param_groups if g["kind"] == "muon"]
-        base = torch.tensor([g["momentum"] for g in muon for _ in g["params"]])[:, None]
-        coefficients = base - (1 - base) * (torch.zeros_like(base) if self.shift is None else self.shift.cpu())
-        return dict(momentum_total_norm=math.sqrt(sum(n * n for n in norms)), param_group_norms=norms,
-                    momentum_decay=coefficients[:, 0].tolist(), nesterov_mix=coefficients[:, 1].tolist())
+            key = "momentum_buffer" if g["kind"] == "muon" else "exp_avg"  # Muon's: stacked, in its first param's state
+            states = [self.state[p] for p in g["params"] if key in self.state.get(p, {})]
+            norms.append(math.sqrt(sum(s[key].float().square().sum().item() for s in states)))
+        return dict(momentum_total_norm=math.sqrt(sum(n * n for n in norms)), param_group_norms=norms)
 
 # ---------------------------------------------------------------------------
 # Schedules (pure functions of progress = training seconds / budget, or of the step)
@@ -984,8 +938,7 @@ def peak_memory_mb():
 def peak_flops():
     if DEVICE.type != "cuda":
         return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in torch.cuda.get_device_name()), None)
 
 # ---------------------------------------------------------------------------
 # Training loop

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import train
+from deepnested_roles import deep_nested, role_param_groups
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: a second thread only waits
@@ -44,6 +45,12 @@ def max_difference(a, b):
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
+def learned_momentum(optimizer):
+    """Each Muon matrix's learned momentum decay and Nesterov mix, b - (1 - b) * shift for its base momentum b."""
+    base = torch.tensor([g["momentum"] for g in optimizer.param_groups if g["kind"] == "muon" for _ in g["params"]])
+    return (base[:, None] - (1 - base[:, None]) * optimizer.shift.cpu()).unbind(1)
+
+
 class Regression(nn.Module):
     """
     A two-layer net regressing a fixed teacher plus noise: two hidden matrices (Muon), biases (AdamW). Its good
@@ -73,7 +80,7 @@ def regression_batches(seed, noise=0.1, rows=32):
 def fit_regression(steps, seed=0, noise=0.1, **options):
     torch.manual_seed(seed)
     model = Regression()
-    optimizer = train.DeepNestedOptimizer(model, **options)
+    optimizer = deep_nested(model, **options)
     batches = regression_batches(seed, noise)
     for _ in range(steps):
         loss = model(*next(batches))
@@ -103,13 +110,13 @@ class Mixed(nn.Module):
 
 def test_roles_come_from_module_types_not_names():
     model = Mixed()
-    groups = train.role_param_groups(model, base_lr=1e-3, weight_decay=0.01)
+    groups = role_param_groups(model, base_lr=1e-3, weight_decay=0.01)
     hidden = [p for g in groups if g["kind"] == "muon" for p in g["params"]]
     other = [p for g in groups if g["kind"] == "adamw" for p in g["params"]]
     assert {id(p) for p in hidden} == {id(model.up.weight), id(model.down.weight)}
     assert {id(p) for p in other} == {id(model.embed.weight), id(model.head.weight), id(model.table), id(model.up.bias),
                                       id(model.norm.weight), id(model.norm.bias)}
-    optimizer = train.DeepNestedOptimizer(model)
+    optimizer = deep_nested(model)
     assert sorted(g["role"] for g in optimizer.param_groups) == [train.HIDDEN, train.HIDDEN, train.OTHER]
 
 
@@ -118,7 +125,7 @@ def test_roles_come_from_module_types_not_names():
 def test_update_equals_muonadamw_until_something_is_learned(options):
     reference, model = tiny_gpt(), tiny_gpt()
     muon = train.MuonAdamW(train.param_groups(reference))
-    deepnested = train.DeepNestedOptimizer(model, param_groups=train.param_groups(model), **options)
+    deepnested = train.DeepNestedOptimizer(model, train.param_groups(model), **options)
     generator = torch.Generator().manual_seed(0)
     steps = 1 if options.get("meta_lr", 1.0) else 6  # with meta_lr 0 nothing is ever learned
     for step in range(steps):
@@ -134,8 +141,8 @@ def test_update_equals_muonadamw_on_an_arbitrary_module():
     torch.manual_seed(0)
     reference = Mixed()
     model = copy.deepcopy(reference)
-    muon = train.MuonAdamW(train.role_param_groups(reference, base_lr=1e-3, weight_decay=0.01))
-    deepnested = train.DeepNestedOptimizer(model, base_lr=1e-3, weight_decay=0.01)
+    muon = train.MuonAdamW(role_param_groups(reference, base_lr=1e-3, weight_decay=0.01))
+    deepnested = deep_nested(model, base_lr=1e-3, weight_decay=0.01)
     idx = torch.randint(0, 50, (8, 5))
     for m, optimizer in ((reference, muon), (model, deepnested)):
         m(idx).logsumexp(-1).mean().backward()
@@ -177,7 +184,7 @@ def test_controller_inputs_are_free_of_the_gradient_scale():
     for scale in (1.0, 1e4):
         torch.manual_seed(0)
         model = Regression()
-        optimizer = train.DeepNestedOptimizer(model, base_lr=1e-2, use_preprocessing=False)
+        optimizer = deep_nested(model, base_lr=1e-2, use_preprocessing=False)
         batches = regression_batches(0)
         features = []
         for _ in range(5):
@@ -194,7 +201,7 @@ def test_controller_inputs_are_free_of_the_gradient_scale():
 def test_momentum_network_gets_gradients_and_its_prediction_loss_falls():
     torch.manual_seed(0)
     model = Regression()
-    optimizer = train.DeepNestedOptimizer(model, base_lr=1e-4, meta_lr=3e-3)
+    optimizer = deep_nested(model, base_lr=1e-4, meta_lr=3e-3)
     untrained = copy.deepcopy(optimizer.momentum_net)
     batches = regression_batches(0, noise=1.0)  # noisy gradients, slow weights: a longer average predicts better
     pairs = []
@@ -217,7 +224,7 @@ def test_momentum_network_gets_gradients_and_its_prediction_loss_falls():
 
     trained = optimizer.momentum_net
     assert prediction_loss(trained) < prediction_loss(untrained) - 3e-3
-    assert min(optimizer.get_momentum_stats()["momentum_decay"]) > train.MUON_MOMENTUM_END + 0.01
+    assert learned_momentum(optimizer)[0].min() > train.MUON_MOMENTUM_END + 0.01
 
 
 class LinearScore(nn.Module):
@@ -231,11 +238,11 @@ class LinearScore(nn.Module):
         return (self.net(x) * y).mean()
 
 
-def explicit_setup(k=2, model_class=Regression):
+def explicit_setup(monkeypatch, k=2, model_class=Regression):
+    monkeypatch.setattr(train, "DN_META_GRAD_CLIP", float("inf"))  # finite differences check unclipped meta-gradients
     torch.manual_seed(0)
     model = model_class()
-    optimizer = train.DeepNestedOptimizer(model, base_lr=3e-2, mode="explicit", k_unroll=k, weight_decay=0.0)
-    optimizer.meta_grad_clip = float("inf")  # the finite-difference check compares unclipped meta-gradients
+    optimizer = deep_nested(model, base_lr=3e-2, mode="explicit", k_unroll=k, weight_decay=0.0)
     batches = regression_batches(0)
     for _ in range(5):
         loss = model(*next(batches))
@@ -245,8 +252,8 @@ def explicit_setup(k=2, model_class=Regression):
     return model, optimizer, [next(batches) for _ in range(k)], next(batches)
 
 
-def test_explicit_meta_update_trains_both_networks_and_leaves_the_model_alone():
-    model, optimizer, train_batches, meta_batch = explicit_setup()
+def test_explicit_meta_update_trains_both_networks_and_leaves_the_model_alone(monkeypatch):
+    model, optimizer, train_batches, meta_batch = explicit_setup(monkeypatch)
     weights = copy.deepcopy(model.state_dict())
     nets = copy.deepcopy((optimizer.controller, optimizer.momentum_net))
     meta_loss = optimizer.meta_update(train_batches, meta_batch)
@@ -258,14 +265,14 @@ def test_explicit_meta_update_trains_both_networks_and_leaves_the_model_alone():
 
 
 @pytest.mark.parametrize("k, model_class", [(1, Regression), (3, LinearScore)])
-def test_explicit_meta_gradient_is_the_derivative_of_the_unrolled_loss(k, model_class):
+def test_explicit_meta_gradient_is_the_derivative_of_the_unrolled_loss(monkeypatch, k, model_class):
     """
     The meta-gradient of each last-layer bias equals a central finite difference of the meta loss, where holding
     the unrolled gradients constant (first-order) is exact: one unrolled step (its gradient is taken at the current
     weights, which the learned parts do not move), and three steps on a loss linear in the weights (each gradient
     is the same at any weights), through the momentum, the orthogonalisation, NorMuon and AdamW of every step.
     """
-    model, optimizer, train_batches, meta_batch = explicit_setup(k, model_class)
+    model, optimizer, train_batches, meta_batch = explicit_setup(monkeypatch, k, model_class)
     for group in optimizer.param_groups:  # a shorter base momentum horizon: the learned decay moves the loss
         group["momentum"] = 0.5           # by more than float32 round-off
     biases = [optimizer.controller.layers[-1].bias, optimizer.momentum_net.layers[-1].bias]
@@ -295,7 +302,7 @@ def test_explicit_meta_gradient_is_the_derivative_of_the_unrolled_loss(k, model_
 def test_meta_update_on_cuda_runs_through_flex_attention():
     model = tiny_gpt().cuda()
     model.windows = [16, 32]  # a banded layer: flex_attention, in meta-updates too
-    optimizer = train.DeepNestedOptimizer(model, param_groups=train.param_groups(model), mode="explicit", k_unroll=2)
+    optimizer = train.DeepNestedOptimizer(model, train.param_groups(model), mode="explicit", k_unroll=2)
     generator = torch.Generator().manual_seed(0)
     batches = [tuple(t.cuda() for t in token_batch(generator)) for _ in range(3)]
     train_step(model, optimizer, batches[0], 0)
@@ -319,7 +326,7 @@ def snapshot(model, optimizer):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_gradient_skips_the_step_and_keeps_every_state(bad):
     model, generator = tiny_gpt(), torch.Generator().manual_seed(0)
-    optimizer = train.DeepNestedOptimizer(model, param_groups=train.param_groups(model), use_cms_updates=True)
+    optimizer = train.DeepNestedOptimizer(model, train.param_groups(model), use_cms_updates=True)
     for step in range(3):
         train_step(model, optimizer, token_batch(generator), step)
     before = snapshot(model, optimizer)
@@ -335,20 +342,22 @@ def test_a_non_finite_gradient_skips_the_step_and_keeps_every_state(bad):
     assert not all(torch.equal(a, b) for a, b in zip(before, snapshot(model, optimizer)))
 
 
-def test_multipliers_and_momentum_corrections_stay_bounded():
-    _, optimizer = fit_regression(100, base_lr=1e-6, meta_lr=0.1, min_lr_mult=0.5, max_lr_mult=1.5)
+def test_multipliers_and_momentum_corrections_stay_bounded(monkeypatch):
+    monkeypatch.setattr(train, "DN_MIN_LR_MULT", 0.5)
+    monkeypatch.setattr(train, "DN_MAX_LR_MULT", 1.5)
+    _, optimizer = fit_regression(100, base_lr=1e-6, meta_lr=0.1)
     multipliers = optimizer.get_lr_multipliers()
     assert (multipliers <= 1.5).all() and (multipliers >= 0.5).all() and (multipliers > 1.3).all()
-    base, stats = train.MUON_MOMENTUM_END, optimizer.get_momentum_stats()
-    for coefficient in (stats["momentum_decay"], stats["nesterov_mix"]):
-        horizon = 1 / (1 - torch.tensor(coefficient))
+    base = train.MUON_MOMENTUM_END
+    for coefficient in learned_momentum(optimizer):
+        horizon = 1 / (1 - coefficient)
         assert (horizon <= 2 / (1 - base) + 1e-3).all() and (horizon >= 0.5 / (1 - base) - 1e-3).all()
 
 
-def test_cms_levels_are_updated_after_the_gradient_at_their_own_frequency():
+def test_cms_levels_are_updated_after_the_gradient_at_their_own_frequency(monkeypatch):
+    monkeypatch.setattr(train, "DN_CMS_FREQUENCIES", (1, 2, 4))
     model, generator = tiny_gpt(), torch.Generator().manual_seed(0)
-    optimizer = train.DeepNestedOptimizer(model, param_groups=train.param_groups(model), use_cms_updates=True,
-                                          cms_frequencies=(1, 2, 4), meta_lr=0.0)
+    optimizer = train.DeepNestedOptimizer(model, train.param_groups(model), use_cms_updates=True, meta_lr=0.0)
     group = next(g for g in optimizer.param_groups if g["kind"] == "muon")
     state = optimizer.state[group["params"][0]]
     train_step(model, optimizer, token_batch(generator), 0)
@@ -369,7 +378,7 @@ def test_cms_levels_are_updated_after_the_gradient_at_their_own_frequency():
 def test_controller_update_freq_holds_the_multipliers_between_evaluations():
     torch.manual_seed(0)
     model = Regression()
-    optimizer = train.DeepNestedOptimizer(model, base_lr=1e-5, meta_lr=1e-2, controller_update_freq=3)
+    optimizer = deep_nested(model, base_lr=1e-5, meta_lr=1e-2, controller_update_freq=3)
     batches, seen = regression_batches(0), []
     for _ in range(9):
         loss = model(*next(batches))

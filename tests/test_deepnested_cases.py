@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import train
+from deepnested_roles import deep_nested
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: a second thread only waits
@@ -27,7 +28,7 @@ class Regression(nn.Module):
 
 
 def fit(model, steps, **options):
-    optimizer = train.DeepNestedOptimizer(model, **options)
+    optimizer = deep_nested(model, **options)
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(1)
     teacher = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
@@ -68,7 +69,7 @@ def tiny_gpt():
 def test_the_gpts_first_meta_step_applies():
     """At step 0 the zero output projections make c_q/c_k/c_v/c_fc gradients exactly zero."""
     model = tiny_gpt()
-    optimizer = train.DeepNestedOptimizer(model, param_groups=train.param_groups(model), mode="simple")
+    optimizer = train.DeepNestedOptimizer(model, train.param_groups(model), mode="simple")
     generator = torch.Generator().manual_seed(0)
     controller = optimizer.controller.layers[-1].bias.detach().clone()
     for step in range(2):
@@ -111,27 +112,33 @@ def test_every_optimizer_pair_trains(monkeypatch, optimizer_name, matrix_optimiz
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()) if a.dim() == 2)
 
 
-def test_implicit_mode_and_cuda_graphs_are_refused_with_what_to_use_instead():
-    for options, advice in (({"mode": "implicit"}, "mode='explicit'"), ({"use_cuda_graph": True}, "use_compile")):
-        with pytest.raises(ValueError, match=advice):
-            train.DeepNestedOptimizer(Regression(), **options)
+def test_implicit_mode_is_refused_with_what_to_use_instead():
+    with pytest.raises(ValueError, match="mode='explicit'"):
+        deep_nested(Regression(), mode="implicit")
 
 
 def test_the_seeds_arguments_are_accepted_and_defaults_come_from_the_dn_constants():
-    optimizer = train.DeepNestedOptimizer(Regression(), base_lr=3e-4, meta_lr=1e-4, momentum_hidden_dim=64,
-                                          momentum_num_layers=4, controller_hidden_dim=32, controller_num_layers=5,
-                                          mode="explicit", use_cms_updates=False, use_preprocessing=True,
-                                          weight_decay=0.01, max_grad_norm=1.0, meta_update_freq=50, k_unroll=5,
-                                          use_compile=False, controller_update_freq=1, use_cuda_graph=False,
-                                          cuda_graph_warmup_steps=3)
+    """All of the seed's but base_lr and weight_decay, which the groups carry (tests: deepnested_roles.py)."""
+    optimizer = deep_nested(Regression(), base_lr=3e-4, meta_lr=1e-4, momentum_hidden_dim=64,
+                            momentum_num_layers=4, controller_hidden_dim=32, controller_num_layers=5,
+                            mode="explicit", use_cms_updates=False, use_preprocessing=True,
+                            weight_decay=0.01, max_grad_norm=1.0, meta_update_freq=50, k_unroll=5,
+                            use_compile=False, controller_update_freq=1, use_cuda_graph=False,
+                            cuda_graph_warmup_steps=3)
     assert len(optimizer.controller.layers) == 5 and len(optimizer.momentum_net.layers) == 4
     assert optimizer.k_unroll == 5 and optimizer.max_grad_norm == 1.0
     assert optimizer.meta_optimizer.param_groups[0]["lr"] == 1e-4
-    default = train.DeepNestedOptimizer(Regression())
+    default = deep_nested(Regression())
     assert len(default.controller.layers) == train.DN_CONTROLLER_NUM_LAYERS
     assert default.meta_optimizer.param_groups[0]["lr"] == train.DN_META_LR
     assert (default.mode, default.k_unroll, default.max_grad_norm) == (train.DN_MODE, train.DN_K_UNROLL,
                                                                        train.DN_MAX_GRAD_NORM)
+
+
+def test_without_groups_it_takes_the_groups_of_train_pys_gpt():
+    model = tiny_gpt()
+    taken, expected = train.DeepNestedOptimizer(model).param_groups, train.param_groups(model)
+    assert [[id(p) for p in g["params"]] for g in taken] == [[id(p) for p in g["params"]] for g in expected]
 
 
 def test_update_meta_components_runs_one_meta_step_by_hand():
@@ -148,4 +155,4 @@ def test_update_meta_components_runs_one_meta_step_by_hand():
     optimizer._update_meta_components(loss.item())  # nothing left to learn from until the next refresh
     assert torch.equal(optimizer.controller.layers[-1].bias, moved)
     with pytest.raises(ValueError, match="meta_update"):
-        train.DeepNestedOptimizer(Regression(), mode="explicit")._update_meta_components(1.0)
+        deep_nested(Regression(), mode="explicit")._update_meta_components(1.0)
