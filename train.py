@@ -78,6 +78,7 @@ DN_META_ROWS = {"gpu": 16, "cpu": 4}[PRESET]  # rows of each batch in a meta-upd
 DN_MAX_GRAD_NORM = 0.0         # clip the model's gradient norm to this before the update (0: off; the seed's 1.0)
 DN_SAMPLE_SIZE = 4096          # entries per tensor sampled for the meta-features and signals
 DN_META_GRAD_CLIP = 1.0        # the meta-gradient's norm is clipped to this
+DN_BASE_LR = 3e-4              # a module other than this file's GPT: the seed's base_lr, one LR for every role
 DN_USE_COMPILE = False         # torch.compile the controller and the momentum network
 DN_USE_CUDA_GRAPH = False      # CUDA: replay the update (after clipping and the learned parts) as a CUDA graph ...
 DN_CUDA_GRAPH_WARMUP_STEPS = 3  # ... captured after this many eager steps
@@ -452,7 +453,7 @@ def build_optimizer(model):
     if OPTIMIZER == "muon":
         return MuonAdamW(param_groups(model))
     if OPTIMIZER == "deepnested":
-        return DeepNestedOptimizer(model, param_groups(model))  # every other setting: the DN_* constants
+        return DeepNestedOptimizer(model, groups=param_groups(model))  # every other setting: the DN_* constants
     raise ValueError(f"OPTIMIZER must be 'muon' or 'deepnested', got {OPTIMIZER!r}")
 
 # ---------------------------------------------------------------------------
@@ -460,6 +461,27 @@ def build_optimizer(model):
 # ---------------------------------------------------------------------------
 
 HIDDEN, OTHER = 0, 1  # roles: hidden matrices; embeddings, head and scalars
+
+
+def role_param_groups(model, base_lr, weight_decay):
+    """MuonAdamW groups by role for any module: 2-D nn.Linear weights are hidden matrices (Muon), except an
+    unembedding (out_features = some nn.Embedding's num_embeddings); every other parameter goes to AdamW.
+    Muon's LR is scaled to AdamW's update RMS, so one base_lr serves both."""
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    vocab, embedding_ids = {m.num_embeddings for m in embeddings}, {id(m.weight) for m in embeddings}
+    hidden_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)
+                  and m.out_features not in vocab and id(m.weight) not in embedding_ids}
+    params = [p for p in model.parameters() if p.requires_grad]
+    hidden = [p for p in params if id(p) in hidden_ids]
+    groups = [dict(kind="adamw", params=[p for p in params if id(p) not in hidden_ids], lr=base_lr,
+                   betas=ADAM_BETAS, eps=1e-10, weight_decay=0.0)]
+    for rows, cols in sorted({p.shape for p in hidden}):
+        # Muon's update has RMS ~ 1 / sqrt(max(rows, cols)) after MuonAdamW's sqrt(rows / cols) scaling; AdamW's ~ 0.2
+        lr = 0.2 * base_lr * max(rows, cols) ** 0.5 / max(1.0, rows / cols) ** 0.5
+        groups.append(dict(kind="muon", params=[p for p in hidden if p.shape == (rows, cols)], lr=lr,
+                           momentum=MUON_MOMENTUM_END, ns_steps=MUON_NS_STEPS, beta2=MUON_BETA2,
+                           weight_decay=weight_decay, matrix=True))
+    return [g for g in groups if g["params"]]
 
 
 def log_ratio(a, b):
@@ -523,17 +545,19 @@ class DeepNestedOptimizer(MuonAdamW):
     horizon_range = math.log(2)  # the learned momentum halves or doubles the base momentum's horizon at most
     cms_max_weight = 0.5         # largest |weight| of a slower CMS level in the momentum mix
 
-    def __init__(self, model, groups=None, meta_lr=DN_META_LR, momentum_hidden_dim=DN_MOMENTUM_HIDDEN_DIM,
+    def __init__(self, model, base_lr=None, meta_lr=DN_META_LR, momentum_hidden_dim=DN_MOMENTUM_HIDDEN_DIM,
                  momentum_num_layers=DN_MOMENTUM_NUM_LAYERS, controller_hidden_dim=DN_CONTROLLER_HIDDEN_DIM,
                  controller_num_layers=DN_CONTROLLER_NUM_LAYERS, mode=DN_MODE, use_cms_updates=DN_USE_CMS,
-                 use_preprocessing=DN_USE_PREPROCESSING, max_grad_norm=DN_MAX_GRAD_NORM,
+                 use_preprocessing=DN_USE_PREPROCESSING, weight_decay=WEIGHT_DECAY, max_grad_norm=DN_MAX_GRAD_NORM,
                  meta_update_freq=DN_META_UPDATE_FREQ, k_unroll=DN_K_UNROLL, use_compile=DN_USE_COMPILE,
                  controller_update_freq=DN_CONTROLLER_UPDATE_FREQ, use_cuda_graph=DN_USE_CUDA_GRAPH,
-                 cuda_graph_warmup_steps=DN_CUDA_GRAPH_WARMUP_STEPS):
+                 cuda_graph_warmup_steps=DN_CUDA_GRAPH_WARMUP_STEPS, groups=None):
         if mode not in ("simple", "explicit"):
             raise ValueError(f"mode={mode!r} is not built here (implicit-function hypergradients included): use "
                              "mode='explicit' for unrolled meta-gradients or mode='simple' for one-step ones.")
-        groups = param_groups(model) if groups is None else groups  # default: train.py's GPT's
+        if groups is None:  # the seed's call: this file's GPT keeps its tuned groups unless base_lr is given
+            gpt = isinstance(model, GPT) and base_lr is None
+            groups = param_groups(model) if gpt else role_param_groups(model, base_lr or DN_BASE_LR, weight_decay)
         device = groups[0]["params"][0].device
         if use_cuda_graph and device.type != "cuda":
             raise ValueError(f"use_cuda_graph=True captures the update on a CUDA device, and these parameters are on "

@@ -117,7 +117,7 @@ def meta_update_ratios(shape, gpu_width, repeats):
         model = train.GPT(config)
     model.to_empty(device="cpu")
     model.init_weights()
-    optimizer = train.DeepNestedOptimizer(model, train.param_groups(model), mode="explicit")
+    optimizer = train.DeepNestedOptimizer(model, groups=train.param_groups(model), mode="explicit")
     generator = torch.Generator().manual_seed(0)
 
     def batch(n):
@@ -161,7 +161,7 @@ def main():
     torch.manual_seed(0)
     model = train.build_model(VOCAB_SIZE, device="cpu")
     optimizers = {"muon": train.MuonAdamW(train.param_groups(model)),
-                  "deepnested": train.DeepNestedOptimizer(model, train.param_groups(model))}
+                  "deepnested": train.DeepNestedOptimizer(model, groups=train.param_groups(model))}
     rows = train.DEVICE_BATCH_SIZE
     accumulation = train.TOTAL_BATCH_SIZE // (rows * MAX_SEQ_LEN)
     generator = torch.Generator().manual_seed(0)

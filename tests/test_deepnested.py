@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 
 import train
-from deepnested_roles import deep_nested, role_param_groups
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: a second thread only waits
@@ -80,7 +79,7 @@ def regression_batches(seed, noise=0.1, rows=32):
 def fit_regression(steps, seed=0, noise=0.1, **options):
     torch.manual_seed(seed)
     model = Regression()
-    optimizer = deep_nested(model, **options)
+    optimizer = train.DeepNestedOptimizer(model, **options)
     batches = regression_batches(seed, noise)
     for _ in range(steps):
         loss = model(*next(batches))
@@ -110,13 +109,13 @@ class Mixed(nn.Module):
 
 def test_roles_come_from_module_types_not_names():
     model = Mixed()
-    groups = role_param_groups(model, base_lr=1e-3, weight_decay=0.01)
+    groups = train.role_param_groups(model, base_lr=1e-3, weight_decay=0.01)
     hidden = [p for g in groups if g["kind"] == "muon" for p in g["params"]]
     other = [p for g in groups if g["kind"] == "adamw" for p in g["params"]]
     assert {id(p) for p in hidden} == {id(model.up.weight), id(model.down.weight)}
     assert {id(p) for p in other} == {id(model.embed.weight), id(model.head.weight), id(model.table), id(model.up.bias),
                                       id(model.norm.weight), id(model.norm.bias)}
-    optimizer = deep_nested(model)
+    optimizer = train.DeepNestedOptimizer(model)
     assert sorted(g["role"] for g in optimizer.param_groups) == [train.HIDDEN, train.HIDDEN, train.OTHER]
 
 
@@ -125,7 +124,7 @@ def test_roles_come_from_module_types_not_names():
 def test_update_equals_muonadamw_until_something_is_learned(options):
     reference, model = tiny_gpt(), tiny_gpt()
     muon = train.MuonAdamW(train.param_groups(reference))
-    deepnested = train.DeepNestedOptimizer(model, train.param_groups(model), **options)
+    deepnested = train.DeepNestedOptimizer(model, groups=train.param_groups(model), **options)
     generator = torch.Generator().manual_seed(0)
     steps = 1 if options.get("meta_lr", 1.0) else 6  # with meta_lr 0 nothing is ever learned
     for step in range(steps):
@@ -141,8 +140,8 @@ def test_update_equals_muonadamw_on_an_arbitrary_module():
     torch.manual_seed(0)
     reference = Mixed()
     model = copy.deepcopy(reference)
-    muon = train.MuonAdamW(role_param_groups(reference, base_lr=1e-3, weight_decay=0.01))
-    deepnested = deep_nested(model, base_lr=1e-3, weight_decay=0.01)
+    muon = train.MuonAdamW(train.role_param_groups(reference, base_lr=1e-3, weight_decay=0.01))
+    deepnested = train.DeepNestedOptimizer(model, base_lr=1e-3, weight_decay=0.01)
     idx = torch.randint(0, 50, (8, 5))
     for m, optimizer in ((reference, muon), (model, deepnested)):
         m(idx).logsumexp(-1).mean().backward()
@@ -184,7 +183,7 @@ def test_controller_inputs_are_free_of_the_gradient_scale():
     for scale in (1.0, 1e4):
         torch.manual_seed(0)
         model = Regression()
-        optimizer = deep_nested(model, base_lr=1e-2, use_preprocessing=False)
+        optimizer = train.DeepNestedOptimizer(model, base_lr=1e-2, use_preprocessing=False)
         batches = regression_batches(0)
         features = []
         for _ in range(5):
@@ -201,7 +200,7 @@ def test_controller_inputs_are_free_of_the_gradient_scale():
 def test_momentum_network_gets_gradients_and_its_prediction_loss_falls():
     torch.manual_seed(0)
     model = Regression()
-    optimizer = deep_nested(model, base_lr=1e-4, meta_lr=3e-3)
+    optimizer = train.DeepNestedOptimizer(model, base_lr=1e-4, meta_lr=3e-3)
     untrained = copy.deepcopy(optimizer.momentum_net)
     batches = regression_batches(0, noise=1.0)  # noisy gradients, slow weights: a longer average predicts better
     pairs = []
@@ -242,7 +241,7 @@ def explicit_setup(monkeypatch, k=2, model_class=Regression):
     monkeypatch.setattr(train, "DN_META_GRAD_CLIP", float("inf"))  # finite differences check unclipped meta-gradients
     torch.manual_seed(0)
     model = model_class()
-    optimizer = deep_nested(model, base_lr=3e-2, mode="explicit", k_unroll=k, weight_decay=0.0)
+    optimizer = train.DeepNestedOptimizer(model, base_lr=3e-2, mode="explicit", k_unroll=k, weight_decay=0.0)
     batches = regression_batches(0)
     for _ in range(5):
         loss = model(*next(batches))
@@ -302,7 +301,7 @@ def test_explicit_meta_gradient_is_the_derivative_of_the_unrolled_loss(monkeypat
 def test_meta_update_on_cuda_runs_through_flex_attention():
     model = tiny_gpt().cuda()
     model.windows = [16, 32]  # a banded layer: flex_attention, in meta-updates too
-    optimizer = train.DeepNestedOptimizer(model, train.param_groups(model), mode="explicit", k_unroll=2)
+    optimizer = train.DeepNestedOptimizer(model, groups=train.param_groups(model), mode="explicit", k_unroll=2)
     generator = torch.Generator().manual_seed(0)
     batches = [tuple(t.cuda() for t in token_batch(generator)) for _ in range(3)]
     train_step(model, optimizer, batches[0], 0)
@@ -326,7 +325,7 @@ def snapshot(model, optimizer):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_gradient_skips_the_step_and_keeps_every_state(bad):
     model, generator = tiny_gpt(), torch.Generator().manual_seed(0)
-    optimizer = train.DeepNestedOptimizer(model, train.param_groups(model), use_cms_updates=True)
+    optimizer = train.DeepNestedOptimizer(model, groups=train.param_groups(model), use_cms_updates=True)
     for step in range(3):
         train_step(model, optimizer, token_batch(generator), step)
     before = snapshot(model, optimizer)
@@ -357,7 +356,7 @@ def test_multipliers_and_momentum_corrections_stay_bounded(monkeypatch):
 def test_cms_levels_are_updated_after_the_gradient_at_their_own_frequency(monkeypatch):
     monkeypatch.setattr(train, "DN_CMS_FREQUENCIES", (1, 2, 4))
     model, generator = tiny_gpt(), torch.Generator().manual_seed(0)
-    optimizer = train.DeepNestedOptimizer(model, train.param_groups(model), use_cms_updates=True, meta_lr=0.0)
+    optimizer = train.DeepNestedOptimizer(model, groups=train.param_groups(model), use_cms_updates=True, meta_lr=0.0)
     group = next(g for g in optimizer.param_groups if g["kind"] == "muon")
     state = optimizer.state[group["params"][0]]
     train_step(model, optimizer, token_batch(generator), 0)
@@ -378,7 +377,7 @@ def test_cms_levels_are_updated_after_the_gradient_at_their_own_frequency(monkey
 def test_controller_update_freq_holds_the_multipliers_between_evaluations():
     torch.manual_seed(0)
     model = Regression()
-    optimizer = deep_nested(model, base_lr=1e-5, meta_lr=1e-2, controller_update_freq=3)
+    optimizer = train.DeepNestedOptimizer(model, base_lr=1e-5, meta_lr=1e-2, controller_update_freq=3)
     batches, seen = regression_batches(0), []
     for _ in range(9):
         loss = model(*next(batches))

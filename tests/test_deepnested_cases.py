@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 
 import train
-from deepnested_roles import deep_nested
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: a second thread only waits
@@ -28,7 +27,7 @@ class Regression(nn.Module):
 
 
 def fit(model, steps, **options):
-    optimizer = deep_nested(model, **options)
+    optimizer = train.DeepNestedOptimizer(model, **options)
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(1)
     teacher = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
@@ -69,7 +68,7 @@ def tiny_gpt():
 def test_the_gpts_first_meta_step_applies():
     """At step 0 the zero output projections make c_q/c_k/c_v/c_fc gradients exactly zero."""
     model = tiny_gpt()
-    optimizer = train.DeepNestedOptimizer(model, train.param_groups(model), mode="simple")
+    optimizer = train.DeepNestedOptimizer(model, groups=train.param_groups(model), mode="simple")
     generator = torch.Generator().manual_seed(0)
     controller = optimizer.controller.layers[-1].bias.detach().clone()
     for step in range(2):
@@ -114,12 +113,13 @@ def test_every_optimizer_pair_trains(monkeypatch, optimizer_name, matrix_optimiz
 
 def test_implicit_mode_is_refused_with_what_to_use_instead():
     with pytest.raises(ValueError, match="mode='explicit'"):
-        deep_nested(Regression(), mode="implicit")
+        train.DeepNestedOptimizer(Regression(), mode="implicit")
 
 
 def test_the_seeds_arguments_are_accepted_and_defaults_come_from_the_dn_constants():
-    """All of the seed's but base_lr and weight_decay, which the groups carry (tests: deepnested_roles.py)."""
-    optimizer = deep_nested(Regression(), base_lr=3e-4, meta_lr=1e-4, momentum_hidden_dim=64,
+    """Every argument of the seed's constructor, each with its meaning: base_lr the model's LR (Muon's scaled to
+    AdamW's update size), weight_decay the hidden matrices' decay."""
+    optimizer = train.DeepNestedOptimizer(Regression(), base_lr=3e-4, meta_lr=1e-4, momentum_hidden_dim=64,
                             momentum_num_layers=4, controller_hidden_dim=32, controller_num_layers=5,
                             mode="explicit", use_cms_updates=False, use_preprocessing=True,
                             weight_decay=0.01, max_grad_norm=1.0, meta_update_freq=50, k_unroll=5,
@@ -128,7 +128,12 @@ def test_the_seeds_arguments_are_accepted_and_defaults_come_from_the_dn_constant
     assert len(optimizer.controller.layers) == 5 and len(optimizer.momentum_net.layers) == 4
     assert optimizer.k_unroll == 5 and optimizer.max_grad_norm == 1.0
     assert optimizer.meta_optimizer.param_groups[0]["lr"] == 1e-4
-    default = deep_nested(Regression())
+    adamw, muon = ([g for g in optimizer.param_groups if g["kind"] == kind] for kind in ("adamw", "muon"))
+    assert adamw[0]["lr"] == 3e-4 and adamw[0]["weight_decay"] == 0.0
+    assert muon and all(g["weight_decay"] == 0.01 for g in muon)
+    default = train.DeepNestedOptimizer(Regression())
+    assert [g for g in default.param_groups if g["kind"] == "adamw"][0]["lr"] == train.DN_BASE_LR
+    assert all(g["weight_decay"] == train.WEIGHT_DECAY for g in default.param_groups if g["kind"] == "muon")
     assert len(default.controller.layers) == train.DN_CONTROLLER_NUM_LAYERS
     assert default.meta_optimizer.param_groups[0]["lr"] == train.DN_META_LR
     assert (default.mode, default.k_unroll, default.max_grad_norm) == (train.DN_MODE, train.DN_K_UNROLL,
@@ -139,6 +144,8 @@ def test_without_groups_it_takes_the_groups_of_train_pys_gpt():
     model = tiny_gpt()
     taken, expected = train.DeepNestedOptimizer(model).param_groups, train.param_groups(model)
     assert [[id(p) for p in g["params"]] for g in taken] == [[id(p) for p in g["params"]] for g in expected]
+    by_role = train.DeepNestedOptimizer(model, base_lr=1e-3).param_groups  # the seed's call: one LR, groups by role
+    assert by_role[0]["kind"] == "adamw" and by_role[0]["lr"] == 1e-3 and len(by_role) < len(expected)
 
 
 def test_update_meta_components_runs_one_meta_step_by_hand():
@@ -155,4 +162,4 @@ def test_update_meta_components_runs_one_meta_step_by_hand():
     optimizer._update_meta_components(loss.item())  # nothing left to learn from until the next refresh
     assert torch.equal(optimizer.controller.layers[-1].bias, moved)
     with pytest.raises(ValueError, match="meta_update"):
-        deep_nested(Regression(), mode="explicit")._update_meta_components(1.0)
+        train.DeepNestedOptimizer(Regression(), mode="explicit")._update_meta_components(1.0)

@@ -20,7 +20,7 @@ def cpu_preset_gpt():
 def test_cuda_graphs_are_refused_off_cuda_in_one_sentence_that_says_what_to_use():
     model = cpu_preset_gpt()
     with pytest.raises(ValueError) as refusal:
-        train.DeepNestedOptimizer(model, train.param_groups(model), use_cuda_graph=True)
+        train.DeepNestedOptimizer(model, groups=train.param_groups(model), use_cuda_graph=True)
     message = str(refusal.value)
     assert "use_cuda_graph=False" in message and message.endswith(".") and ". " not in message, message
 
@@ -44,7 +44,7 @@ def test_thirty_steps_with_the_graph_end_where_thirty_eager_steps_end():
     for use_cuda_graph in (False, True):
         model = cpu_preset_gpt().cuda()  # fp32 weights: fewer bf16 round-offs between the two runs
         torch.manual_seed(1)  # the meta networks' init
-        optimizer = train.DeepNestedOptimizer(model, train.param_groups(model), meta_lr=1e-2, use_cms_updates=True,
+        optimizer = train.DeepNestedOptimizer(model, groups=train.param_groups(model), meta_lr=1e-2, use_cms_updates=True,
                                               use_cuda_graph=use_cuda_graph, cuda_graph_warmup_steps=3)
         generator = torch.Generator().manual_seed(0)
         for step in range(STEPS):

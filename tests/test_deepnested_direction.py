@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
-from deepnested_roles import role_param_groups
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: a second thread only waits
@@ -55,7 +54,7 @@ def classifier_setup(seed):
                 labels = teacher(x).argmax(-1)
             yield x, labels
 
-    return model, role_param_groups(model, base_lr=CLASSIFIER_BASE_LR, weight_decay=0.0), batches()
+    return model, train.role_param_groups(model, base_lr=CLASSIFIER_BASE_LR, weight_decay=0.0), batches()
 
 
 def markov_gpt_setup(seed, vocab=32, T=16, rows=8):
@@ -100,7 +99,7 @@ def fit(problem, scales, steps, seed=0, **options):
     model, groups, batches = SETUPS[problem](seed)
     for g in groups:
         g["lr"] *= scales[train.HIDDEN if g["kind"] == "muon" or g.get("matrix") else train.OTHER]
-    optimizer = train.DeepNestedOptimizer(model, groups, **options)
+    optimizer = train.DeepNestedOptimizer(model, groups=groups, **options)
     losses = []
     for _ in range(steps):
         loss = model(*next(batches))
