@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,14 @@ class BacklogItem:
 
 
 @dataclass(frozen=True)
+class Backlog:
+    """The backlog a command reads: where its text is (a file, or an issue's cached copy) and its items."""
+
+    path: Path
+    items: list[BacklogItem]
+
+
+@dataclass(frozen=True)
 class _Row:
     id: str
     section: str
@@ -79,6 +88,19 @@ def load_backlog(path: str | Path) -> list[BacklogItem]:
     except (OSError, UnicodeDecodeError) as exc:
         raise BacklogError(f"The backlog file {path} cannot be read ({exc}); make it a readable UTF-8 text file.") from None
     return parse_backlog(text, source=str(path))
+
+
+def backlog_from_flags(file: Path, issue: str | None, api_url: str | None, program: str) -> Backlog:
+    """The backlog that --backlog, --backlog-issue and --github-api-url name: the file, else the issue fetched (a note
+    on stderr when its cached copy stands in); the loop and the report both read theirs here."""
+    if issue:
+        from agent.github_backlog import fetch_issue_backlog  # requests and prepare.py only when an issue is read
+
+        fetched = fetch_issue_backlog(issue, api_url=api_url)
+        if fetched.note:
+            print(f"{program}: {fetched.note}", file=sys.stderr)
+        file = fetched.path
+    return Backlog(file, load_backlog(file))
 
 
 def parse_backlog(text: str, source: str = "backlog") -> list[BacklogItem]:

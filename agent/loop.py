@@ -35,10 +35,9 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from pydantic import ValidationError  # noqa: E402
 
-from agent.backlog import Assignment, BacklogItem, load_backlog  # noqa: E402
+from agent.backlog import Assignment, BacklogItem, backlog_from_flags, load_backlog  # noqa: E402
 from agent.branch import ExperimentBranch, remove_tag, require_clean, tag_footprint  # noqa: E402
 from agent.config import DEMO_BACKLOG, DEMO_BUDGET, DEMO_EXPERIMENTS, DEMO_TAG, LoopConfig, default_tag  # noqa: E402
-from agent.github_backlog import backlog_file  # noqa: E402
 from agent.guard import Guard, gap_noise, val_test_problem  # noqa: E402
 from agent.judge import JUDGES, LOOP_CONFIRM_MARGIN, LOOP_K, NoiseFloor, Verdict, noise_floor  # noqa: E402
 from agent.ledger import TWIN, Ledger, baseline_status, is_baseline_run  # noqa: E402
@@ -675,7 +674,7 @@ def resume_command(argv: list[str], args: argparse.Namespace, tag: str) -> str:
 
 def build_config(args: argparse.Namespace, argv: list[str] | None = None) -> LoopConfig:
     default = args.backlog or REPO_ROOT / (DEMO_BACKLOG if args.demo else "agent/backlog.md")
-    backlog = backlog_file(default, args.backlog_issue, args.github_api_url, "loop")
+    backlog = backlog_from_flags(default, args.backlog_issue, args.github_api_url, "loop").path
     preset = args.preset
     if preset is None:
         preset = "cpu" if args.demo else os.environ.get("AUTORESEARCH_PRESET") or _detect_preset()

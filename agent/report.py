@@ -34,7 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from agent.backlog import BacklogItem, load_backlog  # noqa: E402
+from agent.backlog import BacklogItem, backlog_from_flags  # noqa: E402
 from agent.judge import noise_floor  # noqa: E402
 from agent.ledger import BASELINE, COLUMNS, OUTCOMES, STATUSES, TWIN, Ledger, is_baseline_run  # noqa: E402
 from agent.stops import UserError  # noqa: E402
@@ -557,12 +557,6 @@ def backlog_status(items: list[BacklogItem], rows: list[dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _load_items(args: argparse.Namespace) -> list[BacklogItem]:
-    from agent.github_backlog import backlog_file  # requests is only needed here
-
-    return load_backlog(backlog_file(args.backlog, args.backlog_issue, args.github_api_url, "report"))
-
-
 # -- command line ------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -609,7 +603,8 @@ def run(args: argparse.Namespace) -> None:
             raise ReportError(f"{source} has no rows for tag {args.tag!r} (its tags: {known}); pick one with --tag.")
 
     if args.backlog_status:
-        print(backlog_status(_load_items(args), rows), end="")
+        backlog = backlog_from_flags(args.backlog, args.backlog_issue, args.github_api_url, "report")
+        print(backlog_status(backlog.items, rows), end="")
         return
     if not rows:
         raise ReportError(f"{source} has no rows yet; let python agent/loop.py finish a run first.")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import prepare
-from agent.backlog import BacklogError, load_backlog
+from agent.backlog import BacklogError, backlog_from_flags, load_backlog
 from agent.github_backlog import (
     GitHubBacklogError,
     IssueRef,
@@ -473,3 +473,39 @@ def test_backlog_file_stays_the_default_and_excludes_backlog_issue(capsys):
         parse_args(["--backlog", "b.md", "--backlog-issue", ISSUE])
     assert raised.value.code == 2
     assert "argument --backlog-issue: not allowed with argument --backlog" in capsys.readouterr().err
+
+
+def test_the_loop_and_the_report_read_the_flags_through_one_function(github: GitHubStub, tmp_path: Path, capsys):
+    backlog = tmp_path / "backlog.md"
+    backlog.write_text(BACKLOG)
+
+    from_file = backlog_from_flags(backlog, None, github.url, "report")
+
+    assert (from_file.path, [item.id for item in from_file.items]) == (backlog, EXPECTED_ORDER)
+    assert github.requests == []  # a file backlog never asks GitHub, whatever --github-api-url says
+
+    github.play(issue(BACKLOG.replace("| NS-2 | Seven iterations | HIGH |", "| NS-2 | Seven iterations | LOW |")),
+                error(502, "Server Error"))
+    fetched = backlog_from_flags(backlog, ISSUE, github.url, "report")
+    assert fetched.path == Path(prepare.CACHE_DIR) / "backlogs" / "127.0.0.1" / "owner" / "repo" / "7.md"
+    assert [item.id for item in fetched.items] == ["NS-1", "MM-2", "MM-1", "NS-2"]  # the issue's, not the file's
+    assert capsys.readouterr().err == ""
+    offline = backlog_from_flags(backlog, ISSUE, github.url, "report")
+    assert offline == fetched
+    assert capsys.readouterr().err.startswith("report: using the copy of owner/repo#7 cached at ")
+
+
+@pytest.mark.parametrize("reads_the_backlog", [
+    "from agent import loop; loop.build_config(loop.parse_args(['--preset', 'cpu', '--backlog', backlog]))",
+    "from agent import report; report.main(['--ledger', ledger, '--backlog', backlog, '--backlog-status'])",
+], ids=["loop", "report"])
+def test_requests_is_imported_only_when_an_issue_is_read(reads_the_backlog: str, tmp_path: Path, run_python):
+    (tmp_path / "backlog.md").write_text(BACKLOG)
+    (tmp_path / "experiments.tsv").write_text("")
+    script = (f"import sys; backlog, ledger = sys.argv[1:]; {reads_the_backlog}; "
+              f"print(sorted({{'requests', 'agent.github_backlog'}} & set(sys.modules)))")
+
+    result = run_python("-c", script, str(tmp_path / "backlog.md"), str(tmp_path / "experiments.tsv"), timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
