@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from agent.backlog import Assignment
 from agent.branch import ExperimentBranch
@@ -29,18 +29,17 @@ from agent.view import View
 Record = Callable[[dict[str, object]], TagState]  # appends a row to the ledger; returns the tag's state with it
 
 
+@dataclass(frozen=True)
 class NoiseRuns:
     """The baseline runs and null twins a tag still lacks; each row goes through `record`."""
 
-    def __init__(self, config: LoopConfig, view: View, branch: ExperimentBranch, guard: Guard, fair_runs: FairRuns,
-                 *, timeout: float, record: Record) -> None:
-        self.config = config
-        self.view = view
-        self.branch = branch
-        self.guard = guard
-        self.fair_runs = fair_runs
-        self.timeout = timeout
-        self.record = record
+    config: LoopConfig
+    view: View
+    branch: ExperimentBranch
+    guard: Guard
+    fair_runs: FairRuns
+    timeout: float  # seconds before a run is killed: a timed-out baseline's advice doubles it
+    record: Record
 
     def measure(self, state: TagState) -> None:
         """Run what is missing: nothing on a tag whose experiments have begun."""
