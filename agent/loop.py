@@ -18,15 +18,12 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import math
 import os
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,24 +32,23 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from pydantic import ValidationError  # noqa: E402
 
-from agent.backlog import Assignment, BacklogItem, backlog_from_flags, load_backlog  # noqa: E402
+from agent.backlog import BacklogItem, backlog_from_flags, load_backlog  # noqa: E402
 from agent.branch import ExperimentBranch, remove_tag, require_clean, tag_footprint  # noqa: E402
 from agent.config import DEMO_BACKLOG, DEMO_BUDGET, DEMO_EXPERIMENTS, DEMO_TAG, LoopConfig, default_tag  # noqa: E402
+from agent.fair_run import FairRuns, TrainRun, measured, stop_if_untrusted  # noqa: E402
 from agent.guard import Guard, gap_noise, val_test_problem  # noqa: E402
-from agent.judge import JUDGES, LOOP_CONFIRM_MARGIN, LOOP_K, NoiseFloor, Verdict, noise_floor  # noqa: E402
-from agent.ledger import TWIN, Ledger, baseline_status, is_baseline_run  # noqa: E402
+from agent.judge import JUDGES, LOOP_CONFIRM_MARGIN, LOOP_K, Verdict  # noqa: E402
+from agent.ledger import Ledger, is_baseline_run  # noqa: E402
 from agent.limits import BacklogExhausted, Limits  # noqa: E402
 from agent.lock import TagBusy, TagLock, busy_tags  # noqa: E402
-from agent.probe import Probe, ProbeError, Reference, contention, probe_ratio, wait_until_quiet  # noqa: E402
-from agent.train_constants import ConstantEditError, read_constant, set_constants  # noqa: E402
+from agent.noise_runs import NoiseRuns  # noqa: E402
 from agent.proposer import BacklogProposer, Proposal, Proposer, ProposerState, Skip, usage_columns  # noqa: E402
-from agent.runner import RunOutcome, default_timeout, kill_stale, run_training, training_env  # noqa: E402
+from agent.runner import default_timeout, kill_stale, training_env  # noqa: E402
+from agent.state import TagState, replay  # noqa: E402
 from agent.stops import LoopStop, UserError  # noqa: E402
 from agent.view import View, make_view  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROBE_SETTLE_SECONDS = 1.0  # after a run, before the probe: the run's last writes and freed memory settle first
-IDLE_PROBES = 5             # probes of the idle machine before a tag's first run: its slowest is the first reference
 
 
 @dataclass(frozen=True)
@@ -86,8 +82,28 @@ def prepared_data(python: str, repo_root: Path, env: dict[str, str], *, prepare_
     return Data(data["fingerprint"], float(data["budget"]), tuple(data["files"]))
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """An experiment's commit while it runs: what it tries, where its runs go, and the best it must beat."""
+
+    proposal: Proposal
+    sha: str  # its commit on the branch; each repair amends it
+    number: int  # its row's number, the prefix of its runs' directories and refs
+    name: str  # its latest run's directory under runs/<tag>, and the ref that keeps its commit
+    parent: str  # the best commit it started from
+    best: tuple[float, ...]  # the best's val_bpb per seed, which its runs are paired with
+    columns: dict[str, object]  # the row's columns known before it ran
+    attempts: int = 0  # repair conversations its proposer had
+    reruns: int = 0  # runs of what those repairs produced
+
+    @property
+    def repaired(self) -> str:
+        """What a failure's reason adds when repairs ran."""
+        return f" (still failing after {self.reruns} repaired run{'s' if self.reruns != 1 else ''})" if self.reruns else ""
+
+
 class Loop:
-    """Wires the backlog, proposer, branch, runner, judge and ledger; one experiment per iteration."""
+    """Wires the backlog, proposer, branch, fair runs, judge and ledger; one experiment per iteration."""
 
     def __init__(self, config: LoopConfig, view: View, proposer: Proposer | None = None) -> None:
         """Only the settings and the counters; open() reads the repository, the backlog, the data and the ledger."""
@@ -100,12 +116,12 @@ class Loop:
         self.refusals_in_a_row = 0  # LLM proposals in a row that could not be run
         self.contended_in_a_row = 0  # experiments in a row that never got a quiet machine
         self.left_for_llm: set[str] = set()
-        self.probe: Probe | None = None  # the machine-speed probe's worker, open while run() runs
-        self.idle: Reference | None = None  # the idle machine's slowest probe, until the tag has its reference
+        self.contended: set[str] = set()  # recorded contended in this invocation: they run again on resume, not now
+        self.state = TagState()  # the tag's rows replayed; run() reads them, and every recorded row advances it
 
     def open(self) -> Loop:
         """Check the checkout, read the backlog and the prepared data, take the tag's lock, repair the ledger,
-        open the experiment branch and the guard; every refusal is a UserError that says what to do."""
+        open the experiment branch, the guard and the fair runs; every refusal is a UserError that says what to do."""
         config, view = self.config, self.view
         require_clean(config.repo_root)
         self.items = load_backlog(config.backlog)
@@ -116,16 +132,10 @@ class Loop:
                             f"has nothing to run: add edits to it (see agent/backlog.md's Edits section) or use "
                             f"--proposer claude.")
         self.backlog_proposer = BacklogProposer()
-        base_env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
-        base_env.update(AUTORESEARCH_PRESET=config.preset)
-        if config.cache:
-            base_env["AUTORESEARCH_CACHE"] = str(config.cache)
-        if config.time_budget:
-            base_env["AUTORESEARCH_TIME_BUDGET"] = str(config.time_budget)
-        self.data = prepared_data(config.python, config.repo_root, base_env, prepare_if_missing=config.demo)
+        self.data = prepared_data(config.python, config.repo_root, prepare_env(config), prepare_if_missing=config.demo)
         self.time_budget = config.time_budget or self.data.time_budget
         self.timeout = config.timeout or default_timeout(self.time_budget, config.startup_allowance)
-        self.check_comparable(self.rows())
+        check_comparable(config, self.rows(), self.data.fingerprint, self.time_budget)
         self.lock = TagLock(config.runs_dir, config.tag).acquire()  # before anything of the tag's is touched
         repaired = self.ledger.repair()
         if repaired:
@@ -135,12 +145,16 @@ class Loop:
                            env=training_env(preset=config.preset, time_budget=self.time_budget, seed=config.seed,
                                             run_dir=config.runs_dir, cache=config.cache),
                            preset=config.preset)
-        self.pid_file = config.runs_dir / "train.pid"
-        if kill_stale(self.pid_file):  # safe: this loop holds the tag's lock, so no live loop owns that run
+        pid_file = config.runs_dir / "train.pid"
+        if kill_stale(pid_file):  # safe: this loop holds the tag's lock, so no live loop owns that run
             view.note("killed a training run that a previous, killed loop left behind")
+        self.fair_runs = FairRuns(config, view, self.branch, self.guard, time_budget=self.time_budget,
+                                  timeout=self.timeout, pid_file=pid_file)
+        self.noise_runs = NoiseRuns(config, view, self.branch, self.guard, self.fair_runs, timeout=self.timeout,
+                                    record=self.record)
         return self
 
-    # -- state, derived from the ledger and git ----------------------------------------------
+    # -- the tag's state: its ledger rows, replayed ---------------------------------------------
 
     def rows(self) -> list[dict[str, str]]:
         read = self.ledger.read()
@@ -148,164 +162,36 @@ class Loop:
             self.view.note(problem)
         return [row for row in read.rows if row["tag"] == self.config.tag]
 
-    def check_comparable(self, rows: list[dict[str, str]]) -> None:
-        """A tag's runs share one preset, data fingerprint and budget, or they could not be compared."""
-        first = next((r for r in rows if is_baseline_run(r)), None)
-        if first is None:
-            return
-        then = (first["preset"], first["data_fingerprint"], float(first["time_budget"] or self.time_budget))
-        now = (self.config.preset, self.data.fingerprint, self.time_budget)
-        if then != now:
-            flags = f"--preset {then[0]} --time-budget {then[2]:g}"
-            resume = f"resume it with {flags} (a demo tag: --demo)" if then[1] == now[1] else "point AUTORESEARCH_CACHE at the data it ran on"
-            raise UserError(f"tag {self.config.tag} was run with preset {then[0]} on data {then[1]} for "
-                            f"{then[2]:g} s, not {now[0]} on {now[1]} for {now[2]:g} s; {resume}, or start a new "
-                            f"--tag so runs are never compared across presets, data or budgets.")
+    @property
+    def best_commit(self) -> str:
+        """The best commit's full sha, for git."""
+        return self.branch.repo.git.rev_parse(self.state.best_commit)
 
-    def _full_sha(self, short: str) -> str:
-        return self.branch.repo.git.rev_parse(short)
-
-    def derive(self, rows: list[dict[str, str]]) -> None:
-        """Best commit, its runs (paired by seed), the noise floor and what is done, from this tag's rows."""
-        self.baselines = [r for r in rows if is_baseline_run(r)]
-        if self.baselines:
-            self.base_commit = self._full_sha(self.baselines[0]["commit"])
-        else:
-            self.base_commit = self.branch.head() if not rows else self._full_sha(rows[0]["parent"] or rows[0]["commit"])
-        self.best_commit = self.base_commit
-        self.best_values = [float(r["val_bpb"]) for r in self.baselines]
-        for row in rows:
-            if row["status"] == "keep" and row["experiment"] != "baseline":
-                self.best_commit, self.best_values = self._full_sha(row["commit"]), run_values(row)
-        self.best_val = statistics.fmean(self.best_values) if self.best_values else None
-        best_row = next((r for r in reversed(rows) if r["status"] == "keep" and r["experiment"] != "baseline"),
-                        self.baselines[0] if self.baselines else None)
-        self.best_test = float(best_row["test_bpb"]) if best_row and best_row["test_bpb"] else None  # its first run's
-        self.twins = [r for r in rows if r["experiment"] == TWIN and r["status"] == "discard"]
-        self.floor: NoiseFloor = noise_floor([float(r["val_bpb"]) for r in self.baselines],
-                                             [float(r["val_bpb"]) for r in self.twins])
-        first = self.baselines[0] if self.baselines else {}
-        self.reference = (Reference(float(first["probe_seconds"]), float(first["cpu_per_second"]) if first["cpu_per_second"] else None)
-                          if first.get("probe_seconds") else None)  # the machine as the first baseline found it
-        # a contended experiment measured the load, not the change: it runs again
-        self.done = {r["experiment"] for r in rows if r["experiment"] not in ("baseline", TWIN) and r["status"] != "contended"}
-
-    # -- one run of train.py -----------------------------------------------------------------
-
-    def train(self, name: str, description: str, seed: int) -> TrainRun:
-        """A fair run of train.py: one that had its machine to itself. A run that shared it is never judged:
-        wait until the probe is clean again and run it once more, up to --contention-retries times."""
-        c = self.config
-        run = self.train_once(name, description, seed)
-        for retry in range(1, c.contention_retries + 2):
-            if run.contended is None:
-                break
-            self.view.note(f"{name} is not judged, it shared its machine: {run.contended}")
-            if retry > c.contention_retries:
-                break
-            quiet = wait_until_quiet(self.probe, run.reference, c.contention_tolerance, first_wait=c.contention_wait)
-            if not quiet.quiet:
-                run = replace(run, contended=f"{run.contended}; then {quiet.reason}")
-                continue
-            self.view.note(f"{name}: {quiet.reason}; running it again ({retry}/{c.contention_retries})")
-            run = self.train_once(f"{name}-retry{retry}", description, seed)
-        return run
-
-    def train_once(self, name: str, description: str, seed: int) -> TrainRun:
-        """One run of train.py in the worktree between two machine-speed probes: the outcome, whether it
-        shared its machine, and what the guard found wrong, if anything."""
-        run_dir = self.config.runs_dir / name
-        env = training_env(preset=self.config.preset, time_budget=self.time_budget, seed=seed, run_dir=run_dir,
-                           cache=self.config.cache)
-        if self.guard.check_files():
-            self.branch.reset(self.branch.head())
-            self.stop_if_untrusted()
-        reference = self.reference or self.idle_reference()
-        self.view.started(name, description)
-        before = self.probe.measure()
-        outcome = run_training(self.branch.path, env, run_dir / "train.log", self.timeout,
-                               on_progress=self.view.progress, command=(self.config.python, "train.py"),
-                               pid_file=self.pid_file, gpu_watch=self.probe.gpu_watch)
-        time.sleep(PROBE_SETTLE_SECONDS)
-        after = self.probe.measure()
-        problem = self.guard.check_files()
-        if problem:
-            self.branch.reset(self.branch.head())  # puts the worktree's prepare.py back
-        elif outcome.status == "ok":
-            problem = self.guard.check_time(outcome, self.time_budget)
-        contended = None if problem else contention(before, after, reference, outcome, self.config.contention_tolerance)
-        slower = max(before.seconds, after.seconds, reference.probe_seconds if self.reference is None else 0.0)
-        return TrainRun(outcome, seed, problem, contended, reference, slower, probe_ratio(before, after, reference))
-
-    def idle_reference(self) -> Reference:
-        """Before the tag has a reference: the slowest of IDLE_PROBES probes of the machine at rest, so the first
-        baseline is held to the machine's own spread (on a VM, 0.043-0.056 s between quiet probes) and not to
-        one fast moment; the first clean baseline's row then stores the slower of this and its own probes."""
-        if self.idle is None:
-            seconds = []
-            for _ in range(IDLE_PROBES):
-                seconds.append(self.probe.measure().seconds)
-                time.sleep(PROBE_SETTLE_SECONDS / 2)
-            self.idle = Reference(max(seconds), None)
-            self.view.note(f"machine-speed probe at rest: {min(seconds):.3f}-{max(seconds):.3f} s over {IDLE_PROBES} "
-                           f"probes; a run with a probe over {self.idle.probe_seconds:.3f} s "
-                           f"x {1 + self.config.contention_tolerance:.2f} shared its machine")
-        return self.idle
-
-    def stop_if_untrusted(self) -> None:
-        """A changed harness or data cache cannot be trusted, nor restored from git: stop."""
-        if not self.guard.harness_intact():
-            raise LoopStop("a run changed prepare.py or agent/ in your checkout; inspect and restore them "
-                           "(git status, git diff), then resume with the same tag.")
-        if not self.guard.data_intact():
-            raise LoopStop("the prepared data changed during a run; rebuild it with python prepare.py --force, "
-                           "then resume with the same tag.")
-
-    def record(self, row: dict[str, object]) -> None:
+    def record(self, row: dict[str, object]) -> TagState:
+        """Append the row to the ledger; the tag's rows replayed with it."""
         row.setdefault("tag", self.config.tag)
         row.setdefault("preset", self.config.preset)
         row.setdefault("data_fingerprint", self.data.fingerprint)
         row.setdefault("time_budget", self.time_budget)
-        row.setdefault("sigma", self.floor.sigma)
+        row.setdefault("sigma", self.state.floor.sigma)
         repaired = self.ledger.append(row)
         if repaired:
             self.view.note(repaired)
-        self.view.finished(row, self.rows())
+        rows = self.rows()
+        self.state = replay(rows, start=self.state.start)
+        self.view.finished(row, rows)
+        return self.state
 
-    @staticmethod
-    def measured(runs: list[TrainRun]) -> dict[str, object]:
-        """The row's metrics: each one the mean over the runs that finished (one row per experiment)."""
-        finished = [run for run in runs if run.outcome.summary is not None]
-        cpu = [run.outcome.cpu_per_second for run in runs if run.outcome.cpu_per_second is not None]
-        columns: dict[str, object] = {"runs": len(runs), "wall_seconds": round(sum(r.outcome.wall_seconds for r in runs), 1),
-                                      "probe_ratio": max(run.probe_ratio for run in runs),
-                                      "probe_seconds": max(run.probe_seconds for run in runs),
-                                      "cpu_per_second": statistics.fmean(cpu) if cpu else None}
-        if not finished:
-            return columns
-
-        def mean(key: str) -> float | None:
-            values = [run.outcome.summary.number(key) for run in finished if key in run.outcome.summary.values]
-            values = [value for value in values if math.isfinite(value)]
-            return statistics.fmean(values) if values else None
-
-        columns.update(val_bpb=mean("val_bpb"), val_loss=mean("val_loss"), val_accuracy=mean("val_accuracy"),
-                       val_perplexity=mean("val_perplexity"), training_seconds=mean("training_seconds"),
-                       num_steps=mean("num_steps"), tokens_per_second=mean("tokens_per_second"),
-                       memory_gb=max(run.outcome.summary.number("peak_memory_mb") for run in finished) / 1024,
-                       run_values=" ".join(f"{run.seed}:{run.outcome.summary.val_bpb:.6f}" for run in finished))
-        return columns
-
-    # -- the loop ----------------------------------------------------------------------------
+    # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> None:
-        rows = self.rows()
-        self.derive(rows)
+        """The tag's baselines and null twins, then one experiment a step until a limit or the backlog stops it."""
+        self.state = replay(self.rows(), start=self.branch.head()[:7])
         self.branch.reset(self.best_commit)
         try:
-            self.open_probe()
-            self.run_baselines()
-            self.view.best(self.best_val, self.floor.describe())
+            self.fair_runs.open()
+            self.noise_runs.measure(self.state)
+            self.view.best(self.state.best_val, self.state.floor.describe())
             while True:
                 self.limits.check(self.experiments_run, self.crashes_in_a_row, self.refusals_in_a_row,
                                   self.contended_in_a_row)
@@ -314,111 +200,14 @@ class Loop:
             self.branch.reset(self.best_commit)
             raise
         finally:
-            if self.probe is not None:
-                self.probe.close()
+            self.fair_runs.close()
             self.view.note(self.guard.costs.describe())
 
-    def open_probe(self) -> None:
-        """Start the machine-speed probe on the device the runs use, with the runs' environment."""
-        env = training_env(preset=self.config.preset, time_budget=self.time_budget, seed=self.config.seed,
-                           run_dir=self.config.runs_dir, cache=self.config.cache)
-        try:
-            self.probe = Probe("cuda" if self.config.preset == "gpu" else "cpu", env, python=self.config.python).open()
-        except ProbeError as e:
-            raise UserError(f"{e}; check that {self.config.python} can import torch (and see the GPU for the gpu preset).") from None
-        if self.probe.gpu_note:
-            self.view.note(self.probe.gpu_note)
-
-    def run_baselines(self) -> None:
-        while len(self.baselines) < self.config.baseline_repeats and not self.done:
-            index = len(self.baselines)
-            seed = self.config.seed + index
-            name = f"{len(self.rows()) + 1:03d}-baseline"
-            run = self.train(name, f"baseline {index + 1}/{self.config.baseline_repeats} (seed {seed})", seed)
-            outcome, problem = run.outcome, run.problem
-            row = dict(commit=self.base_commit[:7], experiment="baseline", seed=seed, parent=self.base_commit[:7],
-                       description=f"baseline {index + 1}/{self.config.baseline_repeats}", **self.measured([run]))
-            if run.contended:
-                self.record(dict(row, status="contended", reason=self.contended_reason(run)))
-                raise LoopStop(f"the baseline never had the machine to itself ({run.contended}), so it would "
-                               f"measure the load, not train.py; stop what else is running, then run again.")
-            if outcome.status == "ok" and not problem:  # every baseline: their test_bpb give the val-test noise
-                problem, verified = self.guard.verify(outcome.log_path.parent, outcome.summary.val_bpb)  # a re-run has its own dir
-                row["test_bpb"] = verified.get("test_bpb")
-            if outcome.status != "ok" or problem:
-                self.record(dict(row, status="invalid" if problem else outcome.status, reason=problem or outcome.reason))
-                self.stop_if_untrusted()
-                raise UserError(self.baseline_failure(outcome, problem))
-            self.record(dict(row, status=baseline_status(index), reason=f"baseline run {index + 1} (seed {seed})"))
-            self.derive(self.rows())
-        self.run_twins()
-
-    def run_twins(self) -> None:
-        """Null twins: the baseline with a null edit (MATRIX_LR x 1.0001: the trajectory changes, the expected
-        result does not) on the baselines' seeds. Twin minus baseline, seed by seed, is what a change that does
-        not help looks like to the paired judge: its sigma."""
-        wanted = min(self.config.null_twins, len(self.baselines))
-        if len(self.twins) >= wanted or self.done:
-            return
-        base = self.branch.read("train.py", self.base_commit)
-        try:
-            twin = set_constants(base, [Assignment("MATRIX_LR", f"({read_constant(base, 'MATRIX_LR')}) * 1.0001")])
-        except ConstantEditError as e:
-            self.view.note(f"no null twins, so the judge's sigma is the baselines' cross-seed one: {e}")
-            return
-        sha = (self._full_sha(self.twins[0]["commit"]) if self.twins else
-               self.branch.commit(f"{TWIN}: MATRIX_LR x 1.0001, a null edit that measures the paired noise", {"train.py": twin}))
-        self.branch.reset(sha)
-        try:
-            while len(self.twins) < wanted:
-                index = len(self.twins)
-                seed = self.config.seed + index
-                name = f"{len(self.rows()) + 1:03d}-{TWIN}"
-                run = self.train(name, f"null twin {index + 1}/{wanted} of baseline {index + 1} (seed {seed})", seed)
-                row = dict(commit=sha[:7], experiment=TWIN, seed=seed, parent=self.base_commit[:7],
-                           description=f"null twin {index + 1}/{wanted}: MATRIX_LR x 1.0001", **self.measured([run]))
-                self.branch.keep_ref(sha, name)
-                if run.contended:
-                    self.record(dict(row, status="contended", reason=self.contended_reason(run)))
-                    raise LoopStop(f"a null twin never had the machine to itself ({run.contended}); stop what else "
-                                   f"is running, then run again.")
-                if run.outcome.status != "ok" or run.problem:
-                    self.record(dict(row, status="invalid" if run.problem else run.outcome.status,
-                                     reason=run.problem or run.outcome.reason))
-                    self.stop_if_untrusted()
-                    raise UserError(self.baseline_failure(run.outcome, run.problem))
-                self.record(dict(row, status="discard", reason=f"null twin of baseline {index + 1} (seed {seed}): "
-                                                               f"measures the paired noise, never a candidate"))
-                self.derive(self.rows())
-        finally:
-            self.branch.reset(self.base_commit)
-
-    def baseline_failure(self, outcome: RunOutcome, problem: str | None) -> str:
-        """What to do about a failed baseline: the cause lies in train.py only when the branch changed it."""
-        what, log, resume = problem or outcome.reason, outcome.log_path, self.config.resume_command
-        if problem:
-            return (f"the guard refused the baseline run ({problem}); read {log} and program.md's rules for "
-                    f"train.py, fix train.py and commit it, then resume: {resume}")
-        user_train = subprocess.run(["git", "rev-parse", "HEAD:train.py"], cwd=self.config.repo_root,
-                                    capture_output=True, text=True).stdout.strip()
-        if self.branch.repo.git.rev_parse(f"{self.base_commit}:train.py") != user_train:
-            return (f"the baseline run failed ({what}) on a train.py that differs from your checkout's; read {log}, "
-                    f"fix train.py on {self.branch.branch} (in {self.branch.path}) and commit it there, then "
-                    f"resume: {resume}")
-        if outcome.status == "timeout":
-            load, cores = os.getloadavg()[0], os.cpu_count()
-            return (f"the baseline of your unchanged train.py timed out ({what}): the machine's load average is "
-                    f"{load:.1f} on {cores} cores, so it was probably slowed down by other work; wait for a quieter "
-                    f"machine or allow more time than --timeout {self.timeout:g}, e.g. resume: {resume} "
-                    f"--timeout {2 * self.timeout:g}")
-        return (f"the baseline of your unchanged train.py crashed ({what}), so the cause is its environment or "
-                f"data, not an experiment: read {log}; if it points at the data or the tokenizer, rebuild them with "
-                f"python prepare.py --force (the source you prepared), check that python train.py runs on its own, "
-                f"then resume: {resume}")
+    # -- one experiment: propose -> commit -> run (with repair) -> judge (with confirmation) -> verify -> record
 
     def next_item(self) -> BacklogItem | None:
         for item in self.items:
-            if item.id not in self.done and item.id not in self.left_for_llm:
+            if item.id not in self.state.done and item.id not in self.contended and item.id not in self.left_for_llm:
                 return item
         return None
 
@@ -429,9 +218,10 @@ class Loop:
         if item is None and isinstance(self.proposer, BacklogProposer):
             raise BacklogExhausted("the backlog is exhausted: every item with a machine-readable edit has run"
                                    + (f"; {len(self.left_for_llm)} prose items need --proposer claude" if self.left_for_llm else "") + ".")
-        state = ProposerState(tag=self.config.tag, best_commit=self.best_commit, best_val_bpb=self.best_val,
-                              sigma=self.floor.sigma, ledger_rows=self.rows(), item=item,
-                              train_py=self.branch.read("train.py", self.best_commit))
+        best = self.best_commit
+        state = ProposerState(tag=self.config.tag, best_commit=best, best_val_bpb=self.state.best_val,
+                              sigma=self.state.floor.sigma, ledger_rows=self.rows(), item=item,
+                              train_py=self.branch.read("train.py", best))
         if proposer is not self.backlog_proposer:
             self.view.started("proposing", f"{proposer.name}: " + (f"{item.id}: {item.description}" if item else "an idea of its own"))
         result = proposer.propose(state)
@@ -443,8 +233,7 @@ class Loop:
             return
         if isinstance(result, Skip):
             self.record(dict(commit="", experiment=result.experiment, status="invalid", description="not run",
-                             reason=result.reason, parent=self.best_commit[:7], **usage_columns(result)))
-            self.done.add(result.experiment)
+                             reason=result.reason, parent=best[:7], **usage_columns(result)))
             ran = False
         else:
             ran = self.experiment(result, proposer, state)
@@ -452,147 +241,151 @@ class Loop:
             self.refusals_in_a_row = 0 if ran else self.refusals_in_a_row + 1
 
     def experiment(self, proposal: Proposal, proposer: Proposer, state: ProposerState) -> bool:
-        """Commit, run, judge and record a proposal; whether it was run at all."""
-        parent, best = self.best_commit, list(self.best_values)
-        n = len(self.rows()) + 1
-        name = f"{n:03d}-{proposal.experiment}"
-        base = dict(experiment=proposal.experiment, description=proposal.description, parent=parent[:7],
-                    seed=self.config.seed, **usage_columns(proposal))
-        problem = syntax_problem(proposal.train_py)
-        if problem or proposal.train_py == state.train_py:
-            self.record(dict(base, commit="", status="invalid", reason=problem or "the proposal leaves train.py unchanged"))
-            self.done.add(proposal.experiment)
-            return False
-        sha = self.branch.commit(f"{proposal.experiment}: {proposal.description}", {"train.py": proposal.train_py})
-        refused = self.guard.check_scope(self.branch.changed_paths(parent, sha)) or self.guard.check_source(proposal.train_py)
-        if refused:
-            self.finish(name, sha, parent, dict(base, commit=sha[:7], status="invalid", reason=f"not run: {refused}"))
+        """Commit, run (with repair), judge (with confirmation), verify and record a proposal; whether it ran."""
+        candidate = self.commit(proposal, state)
+        if candidate is None:
             return False
         self.experiments_run += 1
-        proposal, sha, name, run, attempts, repaired = self.run_with_repair(proposal, proposer, state, sha, name, n)
-        added, removed = self.branch.line_changes(parent, sha)
-        row = dict(base, commit=sha[:7], description=proposal.description, lines_added=added, lines_removed=removed,
-                   attempts=attempts)
-        if run.problem:
-            runs, status, reason = [run], "invalid", run.problem
-        elif run.contended:
-            runs, status, reason = [run], "contended", self.contended_reason(run)
-        elif run.outcome.status != "ok":
-            runs, status, reason = [run], run.outcome.status, run.outcome.reason + repaired
-        else:
-            runs, status, reason, verdict = self.judged(name, proposal, run, best, added, removed)
-            row.update(delta=verdict.delta, threshold=verdict.threshold,
-                       sigma=verdict.sigma if verdict.sigma is not None else self.floor.sigma)
-            if status == "keep":  # the first run's checkpoint: its seed is the one every best has a test score on
-                first = runs[0].outcome
-                problem, verified = self.guard.verify(first.log_path.parent, first.summary.val_bpb)
-                row["test_bpb"] = verified.get("test_bpb")
-                problem = problem or self.val_test_check(verified, best[0])
-                if problem:
-                    status, reason = "invalid", f"{problem} (the judge would have kept it: {reason})"
-        self.finish(name, sha, parent, dict(row, **self.measured(runs), status=status, reason=reason))
+        candidate, first = self.run_with_repair(candidate, proposer, state)
+        runs, row = self.judged(candidate, first)
+        if row["status"] == "keep":
+            row = self.verify(candidate, runs[0], row)
+        self.finish(candidate, dict(row, **measured(runs)))
         return True
 
-    def run_with_repair(self, proposal: Proposal, proposer: Proposer, state: ProposerState, sha: str, name: str,
-                        n: int) -> tuple[Proposal, str, str, TrainRun, int, str]:
+    def commit(self, proposal: Proposal, state: ProposerState) -> Candidate | None:
+        """The proposal as a commit on the best; None when it is refused before it runs (recorded invalid)."""
+        parent, number = self.best_commit, self.state.row_count + 1
+        columns = dict(experiment=proposal.experiment, description=proposal.description, parent=parent[:7],
+                       seed=self.config.seed, **usage_columns(proposal))
+        problem = syntax_problem(proposal.train_py)
+        if problem or proposal.train_py == state.train_py:
+            self.record(dict(columns, commit="", status="invalid", reason=problem or "the proposal leaves train.py unchanged"))
+            return None
+        sha = self.branch.commit(f"{proposal.experiment}: {proposal.description}", {"train.py": proposal.train_py})
+        candidate = Candidate(proposal, sha, number, f"{number:03d}-{proposal.experiment}", parent,
+                              self.state.best_values, columns)
+        refused = self.guard.check_scope(self.branch.changed_paths(parent, sha)) or self.guard.check_source(proposal.train_py)
+        if refused:
+            self.finish(candidate, dict(columns, commit=sha[:7], status="invalid", reason=f"not run: {refused}"))
+            return None
+        return candidate
+
+    def run_with_repair(self, c: Candidate, proposer: Proposer, state: ProposerState) -> tuple[Candidate, TrainRun]:
         """The first run, and while it crashes, the proposer's repairs of its own edit (amending the commit)."""
-        run = self.train(name, proposal.description, self.config.seed)
-        attempts = reruns = 0  # repair conversations, and the runs of what they repaired
-        while run.outcome.status == "crash" and not run.contended and attempts < self.config.repair_attempts:
-            fixed = proposer.repair(state, proposal, run.outcome.tail, attempts + 1)
+        run = self.fair_runs.train(c.name, c.proposal.description, self.config.seed, self.state.reference)
+        while run.outcome.status == "crash" and not run.contended and c.attempts < self.config.repair_attempts:
+            fixed = proposer.repair(state, c.proposal, run.outcome.tail, c.attempts + 1)
             if fixed is None:  # this proposer cannot repair
                 break
-            attempts += 1
+            c = replace(c, attempts=c.attempts + 1)
             if not isinstance(fixed, Proposal) or syntax_problem(fixed.train_py) or self.guard.check_source(fixed.train_py):
                 break
-            self.branch.keep_ref(sha, f"{name}-attempt{attempts}")
-            proposal = fixed
-            sha = self.branch.amend(f"{proposal.experiment}: {proposal.description}", {"train.py": proposal.train_py})
-            name = f"{n:03d}-{proposal.experiment}-repair{attempts}"
-            reruns += 1
-            run = self.train(name, proposal.description, self.config.seed)
-        repaired = f" (still failing after {reruns} repaired run{'s' if reruns != 1 else ''})" if reruns else ""
-        return proposal, sha, name, run, attempts, repaired
+            self.branch.keep_ref(c.sha, f"{c.name}-attempt{c.attempts}")
+            sha = self.branch.amend(f"{fixed.experiment}: {fixed.description}", {"train.py": fixed.train_py})
+            c = replace(c, proposal=fixed, sha=sha, name=f"{c.number:03d}-{fixed.experiment}-repair{c.attempts}",
+                        reruns=c.reruns + 1)
+            run = self.fair_runs.train(c.name, fixed.description, self.config.seed, self.state.reference)
+        return c, run
 
-    def judged(self, name: str, proposal: Proposal, first: TrainRun, best: list[float], added: int,
-               removed: int) -> tuple[list[TrainRun], str, str, Verdict]:
+    def judged(self, c: Candidate, first: TrainRun) -> tuple[list[TrainRun], dict[str, object]]:
+        """The runs and the row: a run the guard refused, that shared its machine or that failed is not judged."""
+        added, removed = self.branch.line_changes(c.parent, c.sha)
+        row = dict(c.columns, commit=c.sha[:7], description=c.proposal.description, lines_added=added,
+                   lines_removed=removed, attempts=c.attempts)
+        if first.problem:
+            return [first], dict(row, status="invalid", reason=first.problem)
+        if first.contended:
+            return [first], dict(row, status="contended", reason=self.fair_runs.contended_reason(first))
+        if first.outcome.status != "ok":
+            return [first], dict(row, status=first.outcome.status, reason=first.outcome.reason + c.repaired)
+        runs, status, reason, verdict = self.confirmed(c, first, added, removed)
+        return runs, dict(row, status=status, reason=reason, delta=verdict.delta, threshold=verdict.threshold,
+                          sigma=verdict.sigma if verdict.sigma is not None else self.state.floor.sigma)
+
+    def confirmed(self, c: Candidate, first: TrainRun, added: int, removed: int) -> tuple[list[TrainRun], str, str, Verdict]:
         """Judge the first run; while the judge asks to confirm, run again on the next baseline's seed, so
-        each run is paired with the best's run on the same seed. The runs, the status and why."""
+        each run is paired with the best's run on the same seed. The runs, the status, why, and the last verdict."""
         runs = [first]
-        verdict = self.judge([r.outcome.summary.val_bpb for r in runs], best, added, removed)
+        verdict = self.judge(runs, c.best, added, removed)
         while verdict.status == "confirm":
             if len(runs) >= self.config.max_runs:
                 return runs, "discard", f"{verdict.reason}; still undecided after {len(runs)} runs (--max-runs)", verdict
             seed = self.config.seed + len(runs)
-            again = self.train(f"{name}-run{len(runs) + 1}", f"confirming {proposal.description} (seed {seed})", seed)
+            again = self.fair_runs.train(f"{c.name}-run{len(runs) + 1}", f"confirming {c.proposal.description} (seed {seed})",
+                                         seed, self.state.reference)
             if again.problem:
                 return runs + [again], "invalid", f"confirming run: {again.problem}", verdict
             if again.contended:
-                return runs + [again], "contended", f"confirming run: {self.contended_reason(again)}", verdict
+                return runs + [again], "contended", f"confirming run: {self.fair_runs.contended_reason(again)}", verdict
             if again.outcome.status != "ok":
                 return runs, "discard", f"the confirming run (seed {seed}) failed: {again.outcome.reason}", verdict
             runs.append(again)
-            verdict = self.judge([r.outcome.summary.val_bpb for r in runs], best, added, removed)
+            verdict = self.judge(runs, c.best, added, removed)
         return runs, verdict.status, verdict.reason, verdict
 
-    def val_test_check(self, verified: dict, best_val: float) -> str | None:
-        """The val-vs-test rule for a verified would-be keep (its first run), against the best's run on the
-        same seed: the gain on val must show on test."""
-        if self.best_test is None:  # a tag begun before test scores existed: nothing to compare with
-            return None
-        noise = gap_noise([(float(r["val_bpb"]), float(r["test_bpb"])) for r in self.baselines if r["test_bpb"]])
-        return val_test_problem((best_val, self.best_test), (verified["val_bpb"], verified["test_bpb"]), noise,
-                                self.config.k)
-
-    def finish(self, name: str, sha: str, parent: str, row: dict[str, object]) -> None:
-        """Keep the commit under a ref, record the row, then advance the best or go back to it."""
-        self.crashes_in_a_row = self.crashes_in_a_row + 1 if row["status"] == "crash" else 0
-        self.contended_in_a_row = self.contended_in_a_row + 1 if row["status"] == "contended" else 0
-        self.branch.keep_ref(sha, name)
-        self.record(row)
-        self.done.add(str(row["experiment"]))
-        if row["status"] == "keep":
-            self.best_commit, self.best_values = sha, run_values(row)
-            self.best_val = statistics.fmean(self.best_values)
-            self.best_test = float(row["test_bpb"]) if row.get("test_bpb") is not None else None
-            self.view.best(self.best_val, self.floor.describe())
-        else:
-            self.branch.reset(parent)
-            for checkpoint in (self.config.runs_dir).glob(f"{name.split('-')[0]}-*/checkpoint.pt"):
-                checkpoint.unlink()
-        self.stop_if_untrusted()
-
-    def contended_reason(self, run: TrainRun) -> str:
-        retries = self.config.contention_retries
-        return (f"shared its machine, so not judged: {run.contended} (after {retries} re-run{'s' if retries != 1 else ''}); "
-                f"it runs again on resume")
-
-    def judge(self, values: list[float], best: list[float], added: int, removed: int) -> Verdict:
+    def judge(self, runs: list[TrainRun], best: tuple[float, ...], added: int, removed: int) -> Verdict:
         c = self.config
-        return JUDGES[c.judge](values, best, self.floor, k=c.k, min_delta=c.min_delta or 0.0, lines_added=added,
-                               lines_removed=removed, confirm_margin=c.confirm_margin, max_runs=c.max_runs)
+        return JUDGES[c.judge]([r.outcome.summary.val_bpb for r in runs], best, self.state.floor, k=c.k,
+                               min_delta=c.min_delta or 0.0, lines_added=added, lines_removed=removed,
+                               confirm_margin=c.confirm_margin, max_runs=c.max_runs)
+
+    def verify(self, c: Candidate, first: TrainRun, row: dict[str, object]) -> dict[str, object]:
+        """A would-be keep, re-scored by the fixed code from its first run's checkpoint (its seed is the one every
+        best has a test score on) and held to the val-vs-test rule: the gain on val must show on test."""
+        problem, verified = self.guard.verify(first.outcome.log_path.parent, first.outcome.summary.val_bpb)
+        best_test = self.state.best_test  # None for a tag begun before test scores existed: nothing to compare with
+        if not problem and best_test is not None:
+            noise = gap_noise([(float(r["val_bpb"]), float(r["test_bpb"])) for r in self.state.baselines if r["test_bpb"]])
+            problem = val_test_problem((c.best[0], best_test), (verified["val_bpb"], verified["test_bpb"]), noise,
+                                       self.config.k)
+        row = dict(row, test_bpb=verified.get("test_bpb"))
+        if problem:
+            row.update(status="invalid", reason=f"{problem} (the judge would have kept it: {row['reason']})")
+        return row
+
+    def finish(self, c: Candidate, row: dict[str, object]) -> None:
+        """Keep the commit under a ref, record the row, then advance the best or go back to it."""
+        status = row["status"]
+        self.crashes_in_a_row = self.crashes_in_a_row + 1 if status == "crash" else 0
+        self.contended_in_a_row = self.contended_in_a_row + 1 if status == "contended" else 0
+        self.branch.keep_ref(c.sha, c.name)
+        self.record(row)
+        if status == "contended":
+            self.contended.add(str(row["experiment"]))
+        if status == "keep":
+            self.view.best(self.state.best_val, self.state.floor.describe())
+        else:
+            self.branch.reset(c.parent)
+            for checkpoint in self.config.runs_dir.glob(f"{c.number:03d}-*/checkpoint.pt"):
+                checkpoint.unlink()
+        stop_if_untrusted(self.guard)
 
 
-@dataclass(frozen=True)
-class TrainRun:
-    """One run of train.py: how it ended, its seed, what the guard found wrong with it, and whether it
-    shared its machine (then it measured the load, not the change)."""
-
-    outcome: RunOutcome
-    seed: int
-    problem: str | None
-    contended: str | None  # why the run was not alone on its machine; None when it was
-    reference: Reference  # the machine-speed reference it was compared with (for a tag's first run: the idle probes')
-    probe_seconds: float  # the slower probe around the run: a clean first baseline's is the tag's reference
-    probe_ratio: float  # the slower probe around the run over the reference
+def prepare_env(config: LoopConfig) -> dict[str, str]:
+    """The environment prepare.py is asked in: the user's, with the loop's own AUTORESEARCH_* settings only."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
+    env.update(AUTORESEARCH_PRESET=config.preset)
+    if config.cache:
+        env["AUTORESEARCH_CACHE"] = str(config.cache)
+    if config.time_budget:
+        env["AUTORESEARCH_TIME_BUDGET"] = str(config.time_budget)
+    return env
 
 
-def run_values(row: dict[str, object]) -> list[float]:
-    """A kept row's val_bpb per run in seed order (`seed:value ...`); rows without them count as one run."""
-    text = str(row.get("run_values") or "")
-    if text:
-        return [float(pair.split(":", 1)[1]) for pair in text.split()]
-    return [float(row["val_bpb"])]
+def check_comparable(config: LoopConfig, rows: list[dict[str, str]], fingerprint: str, time_budget: float) -> None:
+    """A tag's runs share one preset, data fingerprint and budget, or they could not be compared."""
+    first = next((r for r in rows if is_baseline_run(r)), None)
+    if first is None:
+        return
+    then = (first["preset"], first["data_fingerprint"], float(first["time_budget"] or time_budget))
+    now = (config.preset, fingerprint, time_budget)
+    if then != now:
+        flags = f"--preset {then[0]} --time-budget {then[2]:g}"
+        resume = f"resume it with {flags} (a demo tag: --demo)" if then[1] == now[1] else "point AUTORESEARCH_CACHE at the data it ran on"
+        raise UserError(f"tag {config.tag} was run with preset {then[0]} on data {then[1]} for "
+                        f"{then[2]:g} s, not {now[0]} on {now[1]} for {now[2]:g} s; {resume}, or start a new "
+                        f"--tag so runs are never compared across presets, data or budgets.")
 
 
 def syntax_problem(source: str) -> str | None:

@@ -35,8 +35,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from agent.backlog import BacklogItem, backlog_from_flags  # noqa: E402
-from agent.judge import noise_floor  # noqa: E402
+from agent.judge import NoiseFloor  # noqa: E402
 from agent.ledger import BASELINE, COLUMNS, OUTCOMES, STATUSES, TWIN, Ledger, is_baseline_run  # noqa: E402
+from agent.state import TagState, replay, run_values  # noqa: E402
 from agent.stops import UserError  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -149,11 +150,6 @@ def _time(text: str) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def run_values(row: dict[str, str]) -> list[float]:
-    """The val_bpb of each judged run behind a row, from its `seed:value` run_values."""
-    return [value for token in row["run_values"].split() if math.isfinite(value := _float(token.rpartition(":")[2]))]
-
-
 # -- what happened in one tag ------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -178,19 +174,42 @@ class TagSummary:
     tag: str
     rows: list[dict[str, str]]
     points: list[Point]
-    baselines: list[dict[str, str]]  # the finished baseline runs
-    baseline: float            # the first baseline's val_bpb (seed of every candidate): what the judge started from
-    baseline_test: float       # the first baseline's test_bpb; nan when not scored
+    state: TagState            # the rows replayed as the loop replays them: baselines, null twins, best, noise floor
     baseline_steps: float      # mean optimizer steps of the finished baselines; nan when unknown
-    sigma: float               # the noise floor; nan when unknown
-    best_row: dict[str, str] | None
-    best: float
+    sigma: float               # the noise of one paired difference, as the judge used it; nan when unknown
     counts: Counter            # experiments by status
     baseline_counts: Counter   # baseline runs by status
     cost: float
     tokens: tuple[int, int, int]  # input, cached, output
     hours: float               # loop time spanned by the rows, pauses left out; nan when the rows carry no times
     pauses: int
+
+    @property
+    def baselines(self) -> list[dict[str, str]]:
+        """The finished baseline runs."""
+        return list(self.state.baselines)  # type: ignore[arg-type]
+
+    @property
+    def baseline(self) -> float:
+        """The first baseline's val_bpb (seed of every candidate): what the judge started from."""
+        return _float(self.baselines[0]["val_bpb"]) if self.baselines else math.nan
+
+    @property
+    def baseline_test(self) -> float:
+        """The first baseline's test_bpb; nan when not scored."""
+        return _score(self.baselines[0]["test_bpb"]) if self.baselines else math.nan
+
+    @property
+    def floor(self) -> NoiseFloor:
+        return self.state.floor
+
+    @property
+    def best_row(self) -> dict[str, str] | None:
+        return self.state.best_row  # type: ignore[return-value]
+
+    @property
+    def best(self) -> float:
+        return _float(self.best_row["val_bpb"]) if self.best_row is not None else math.nan
 
     @property
     def experiments(self) -> list[dict[str, str]]:
@@ -216,15 +235,18 @@ def _runs(row: dict[str, str]) -> int:
 
 
 def summarize(tag: str, rows: list[dict[str, str]], *, k: float = 2.0) -> TagSummary:
-    """Replay the tag's rows as the loop saw them: the baseline, then each keep moves the best. A row
-    without a `threshold` (older ledgers, results.tsv) is taken to have been judged at k x sigma."""
-    baselines = [r for r in rows if is_baseline_run(r)]
-    baseline = _float(baselines[0]["val_bpb"]) if baselines else math.nan
-    floor = noise_floor([_float(r["val_bpb"]) for r in baselines])
-    sigma = floor.sigma if floor.sigma is not None else _float(next((r["sigma"] for r in reversed(rows) if r["sigma"]), ""))
-    steps = [v for v in (_float(r["num_steps"]) for r in baselines) if math.isfinite(v)]
-    best, best_row, points = baseline, (baselines[0] if baselines else None), []
+    """Replay the tag's rows as the loop does (agent/state.py), one row at a time: where the best stood after
+    each, and the bar each decision used. The sigma is the judge's (null twins included); a ledger without
+    baselines to measure it takes the last row's `sigma`. A row without a `threshold` (older ledgers,
+    results.tsv) is taken to have been judged at k x sigma."""
+    final = replay(rows)
+    unit = final.floor.unit
+    sigma = unit if unit is not None else _float(next((r["sigma"] for r in reversed(rows) if r["sigma"]), ""))
+    steps = [v for v in (_float(r["num_steps"]) for r in final.baselines) if math.isfinite(v)]
+    state, points = TagState(), []
     for index, row in enumerate(rows):
+        best = _float(state.best_row["val_bpb"]) if state.best_row is not None else math.nan  # before this row
+        state = state.after(row)
         status, value = row["status"], _float(row["val_bpb"])
         plotted = ((status in ("keep", "discard") and row["experiment"] != TWIN or is_baseline_run(row))
                    and math.isfinite(value) and value > 0)
@@ -239,18 +261,15 @@ def summarize(tag: str, rows: list[dict[str, str]], *, k: float = 2.0) -> TagSum
                 row_sigma = _float(row["sigma"])
                 threshold = k * (row_sigma if math.isfinite(row_sigma) else sigma)
             bar = best - threshold
-            if status == "keep":
-                best, best_row = value, row
-        points.append(Point(index, row, value if plotted else math.nan, best, delta, bar, _runs(row)))
+        after = _float(state.best_row["val_bpb"]) if state.best_row is not None else math.nan
+        points.append(Point(index, row, value if plotted else math.nan, after, delta, bar, _runs(row)))
     counts = Counter(r["status"] for r in rows if r["experiment"] not in NOISE_RUNS)
     baseline_counts = Counter(r["status"] for r in rows if r["experiment"] == "baseline")
     cost = sum(v for v in (_float(r["cost_usd"]) for r in rows) if math.isfinite(v))
     tokens = tuple(sum(int(_float(r[c])) for r in rows if math.isfinite(_float(r[c])))
                    for c in ("input_tokens", "cached_tokens", "output_tokens"))
     hours, pauses = _loop_hours(rows)
-    return TagSummary(tag, rows, points, baselines, baseline,
-                      _score(baselines[0]["test_bpb"]) if baselines else math.nan,
-                      statistics.fmean(steps) if steps else math.nan, sigma, best_row, best, counts,
+    return TagSummary(tag, rows, points, final, statistics.fmean(steps) if steps else math.nan, sigma, counts,
                       baseline_counts, cost, tokens, hours, pauses)  # type: ignore[arg-type]
 
 
@@ -322,7 +341,9 @@ def _describe_tag(s: TagSummary) -> list[str]:
     ) if part)
     lines = [f"## {s.tag}" + (f" ({setting})" if setting else ""), ""]
     experiments = len(s.experiments)
-    runs = (f"- rows: {len(s.rows)} ({len(s.rows) - experiments} baseline, {experiments} experiments; "
+    twins = sum(row["experiment"] == TWIN for row in s.rows)
+    counted = f"{len(s.rows) - experiments - twins} baseline, " + (f"{twins} null twin{'s' if twins != 1 else ''}, " if twins else "")
+    runs = (f"- rows: {len(s.rows)} ({counted}{experiments} experiments; "
             f"{s.training_runs} training run{'s' if s.training_runs != 1 else ''})")
     if math.isfinite(s.hours) and s.hours > 0:
         paused = f", {s.pauses} pause{'s' if s.pauses != 1 else ''} over an hour left out" if s.pauses else ""
@@ -335,6 +356,10 @@ def _describe_tag(s: TagSummary) -> list[str]:
         values = ", ".join(r["val_bpb"] for r in s.baselines)
         noise = (f"noise floor sigma {s.sigma:.6f}" if math.isfinite(s.sigma) else "noise floor unknown")
         spread = f" from {len(s.baselines)} runs ({values})" if len(s.baselines) > 1 else " (one baseline run)"
+        if s.floor.paired:  # the judge's sigma came from the null twins; the baselines' spread is shown beside it
+            cross = f"{s.floor.sigma:.6f}" if s.floor.sigma is not None else "unknown"
+            spread = (f", the paired sigma of {s.floor.twins} null twins that the judge used (the baselines' "
+                      f"cross-seed sigma: {cross}{spread})")
         steps = f", {s.baseline_steps:.0f} steps" if math.isfinite(s.baseline_steps) else ""
         lines.append(f"- baseline: val_bpb {s.baseline:.6f}, test_bpb {_bpb(s.baseline_test)} at "
                      f"{s.baselines[0]['commit'] or '-'}{steps}; {noise}{spread}")

@@ -316,7 +316,7 @@ def test_results_tsv_is_the_default_when_there_is_no_experiments_tsv(tmp_path):
     """The default ledger is looked up at the repository root, so this runs a copy of the module there."""
     root = tmp_path / "repo"
     (root / "agent").mkdir(parents=True)
-    for name in ("__init__.py", "report.py", "ledger.py", "judge.py", "backlog.py", "stops.py"):
+    for name in ("__init__.py", "report.py", "ledger.py", "state.py", "judge.py", "probe.py", "backlog.py", "stops.py"):
         (root / "agent" / name).write_text((REPO / "agent" / name).read_text())
     (root / "results.tsv").write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
                                       "a1b2c3d\t0.997900\t44.0\tkeep\tbaseline\n")
