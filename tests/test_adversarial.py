@@ -131,8 +131,8 @@ MEMORY = [
      "def context_hash(idx):\n"
      "    return (idx * 1000003 + F.pad(idx, (1, 0))[:, :-1] * 10007 + F.pad(idx, (2, 0))[:, :-2]) % MEMORY_SLOTS\n\n\n"
      "class GPT(nn.Module):\n"),
-    ('        self.register_buffer("sin", sin, persistent=False)\n',
-     '        self.register_buffer("sin", sin, persistent=False)\n'
+    ('        self.register_buffer("sin", None, persistent=False)\n',
+     '        self.register_buffer("sin", None, persistent=False)\n'
      '        self.register_buffer("memory", torch.full((MEMORY_SLOTS,), -1, dtype=torch.long))\n'),
     ("        self.resid_lambdas.fill_(1.0)\n", "        self.memory.fill_(-1)\n        self.resid_lambdas.fill_(1.0)\n"),
     ("        logits = 15.0 * torch.tanh(logits / 15.0)  # soft cap\n",
