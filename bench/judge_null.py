@@ -53,6 +53,8 @@ def main():
     parser.add_argument("--other-seeds", type=int, default=4, help="runs with other seeds (baseline B)")
     parser.add_argument("--budget", type=float, default=20.0, help="training seconds per run")
     args = parser.parse_args()
+    if args.same_seed < 3 or args.other_seeds < 1:  # a cast needs baseline A, candidate C and confirmation D
+        parser.error("give --same-seed 3 or more and --other-seeds 1 or more: each case needs three runs of one seed")
     same = [run(SEED, args.budget, i) for i in range(args.same_seed)]
     other = [run(SEED + 1 + i, args.budget, args.same_seed + i) for i in range(args.other_seeds)]
     noise, greedy, cases = false_keep_rates(same, other)
