@@ -74,17 +74,18 @@ def test_a_run_that_shared_its_machine_is_run_again_when_it_is_quiet(project: Pr
 def test_a_quiet_machine_leaves_every_run_alone(project: Project):
     backlog = project.backlog(NS_1)
 
-    # Nothing else runs, so every probe is within tolerance of the reference (on this VM a probe right after a
-    # run still varies by up to ~15 %, so the loop-level check uses FAST's tolerance; tests/test_probe.py checks
-    # the default on an idle probe).
-    result = project.loop("--tag", TAG, "--backlog", backlog, *FAST)
+    # Nothing of ours runs beside it, so no probe comes near what two hogs on two cores cost (2x the reference).
+    # The tolerance is 100 %: on a shared CI machine a quiet probe was measured at up to 1.65x the first
+    # baseline's (CI of 77e29bf), which the default 10 % rightly calls contended; tests/test_probe.py checks the
+    # default on an idle probe, and the hog tests above check that 50 % catches a real hog.
+    result = project.loop("--tag", TAG, "--backlog", backlog, *FAST, "--contention-tolerance", "1.0")
 
     assert result.returncode == 0, result.stdout + result.stderr
     rows = project.rows()
     assert [(r["experiment"], r["status"]) for r in rows] == [("baseline", "keep"), ("baseline", "baseline"), ("NS-1", "keep")]
     assert "not judged" not in result.stdout
     for row in rows:
-        assert float(row["probe_seconds"]) > 0 and float(row["probe_ratio"]) <= 1.5
+        assert float(row["probe_seconds"]) > 0 and float(row["probe_ratio"]) <= 2.0
 
 
 def test_null_twins_run_once_on_the_baselines_seeds_and_never_move_the_branch(project: Project):
