@@ -265,9 +265,12 @@ class TagFootprint:
     worktree: Path | None  # registered on the tag's branch at worktrees/<tag>
     branch: str | None     # autoresearch/<tag>, when it exists
     refs: tuple[str, ...]  # refs/autoresearch/<tag>/*
+    slot_worktrees: tuple[Path, ...] = ()  # detached at worktrees/<tag>.slot-<gpu> and <tag>.verify (agent/slots.py)
 
     def describe(self) -> list[str]:
         parts = [f"the worktree {self.worktree}"] if self.worktree else []
+        parts += [f"{len(self.slot_worktrees)} slot worktree{'s' if len(self.slot_worktrees) != 1 else ''} beside it"
+                  ] if self.slot_worktrees else []
         parts += [f"the branch {self.branch}"] if self.branch else []
         parts += [f"{len(self.refs)} ref{'s' if len(self.refs) != 1 else ''} under refs/autoresearch/{self.tag}/"
                   ] if self.refs else []
@@ -295,12 +298,16 @@ def tag_footprint(repo_root: Path, tag: str, worktrees_dir: Path | None = None) 
                                    "branch first; the tag's removal never touches your checkouts.")
     refs = tuple(user.git.for_each_ref("--format=%(refname)", f"refs/autoresearch/{tag}/").split())
     exists = any(head.name == branch for head in user.heads)
-    return TagFootprint(tag, worktree, branch if exists else None, refs)
+    slots = tuple(sorted(checkout for checkout, ref in _registered_worktrees(user).items() if ref is None
+                         and checkout.parent == path.parent and checkout.name.startswith((f"{tag}.slot-", f"{tag}.verify"))))
+    return TagFootprint(tag, worktree, branch if exists else None, refs, slots)
 
 
 def remove_tag(repo_root: Path, footprint: TagFootprint) -> None:
     """Remove the worktree, the branch and the refs of `footprint`, in that order."""
     user = _user_repo(Path(repo_root).resolve())
+    for slot in footprint.slot_worktrees:
+        user.git.worktree("remove", "--force", str(slot))
     if footprint.worktree is not None:
         user.git.worktree("remove", "--force", str(footprint.worktree))  # its files are all committed or run leftovers
     if footprint.branch is not None:

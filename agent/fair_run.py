@@ -10,10 +10,13 @@ first baseline stored in the ledger (agent/state.py reads it back).
 from __future__ import annotations
 
 import math
+import signal
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 from agent.branch import ExperimentBranch
 from agent.config import LoopConfig
@@ -24,6 +27,8 @@ from agent.stops import LoopStop, UserError
 from agent.view import View
 
 PROBE_SETTLE_SECONDS = 1.0  # after a run, before the probe: the run's last writes and freed memory settle first
+# Signals another process sends; a segfault or an abort is the run's own error, and a crash like any other.
+OUTSIDE_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 IDLE_PROBES = 5             # probes of the idle machine before a tag's first run: its slowest is the first reference
 
 
@@ -39,6 +44,24 @@ class TrainRun:
     reference: Reference  # the machine-speed reference it was compared with (for a tag's first run: the idle probes')
     probe_seconds: float  # the slower probe around the run: a clean first baseline's is the tag's reference
     probe_ratio: float  # the slower probe around the run over the reference
+
+
+class Worktree(Protocol):
+    """Where runs happen: a path whose HEAD holds the commit that runs, and a reset back to a commit."""
+
+    path: Path
+
+    def head(self) -> str: ...
+
+    def reset(self, sha: str) -> None: ...
+
+
+def killed_from_outside(run: TrainRun) -> bool:
+    """A run ended by a signal it did not raise itself (someone's kill, a node's OOM killer): it measured nothing
+    about its change, so it runs once more instead of counting as the change's crash."""
+    returncode = run.outcome.returncode
+    return (run.outcome.status == "crash" and returncode is not None and -returncode in OUTSIDE_SIGNALS
+            and run.problem is None)
 
 
 def stop_if_untrusted(guard: Guard) -> None:
@@ -79,9 +102,12 @@ class FairRuns:
     """Runs of train.py in the worktree, each between two probes of the machine's speed; open() starts the
     probe's worker, close() ends it."""
 
-    def __init__(self, config: LoopConfig, view: View, branch: ExperimentBranch, guard: Guard, *,
-                 time_budget: float, timeout: float, pid_file: Path) -> None:
+    def __init__(self, config: LoopConfig, view: View, branch: ExperimentBranch | Worktree, guard: Guard, *,
+                 time_budget: float, timeout: float, pid_file: Path, env: Mapping[str, str] | None = None,
+                 cpu_check: bool = True) -> None:
         self.config = config
+        self.cpu_check = cpu_check  # compare the run's CPU share with the reference's (not on GPU slots: see probe.contention)
+        self.env = dict(env or {})  # the slot's own settings (CUDA_VISIBLE_DEVICES), over the runs' environment
         self.view = view
         self.branch = branch
         self.guard = guard
@@ -95,6 +121,7 @@ class FairRuns:
         """Start the machine-speed probe on the device the runs use, with the runs' environment."""
         c = self.config
         env = training_env(preset=c.preset, time_budget=self.time_budget, seed=c.seed, run_dir=c.runs_dir, cache=c.cache)
+        env.update(self.env)
         try:
             self.probe = Probe("cuda" if c.preset == "gpu" else "cpu", env, python=c.python).open()
         except ProbeError as e:
@@ -125,6 +152,9 @@ class FairRuns:
                 continue
             self.view.note(f"{name}: {quiet.reason}; running it again ({retry}/{c.contention_retries})")
             run = self.train_once(f"{name}-retry{retry}", description, seed, reference)
+        if killed_from_outside(run):
+            self.view.note(f"{name} was {run.outcome.reason.split(':')[0]}, not by an error of its own: running it once more")
+            run = self.train_once(f"{name}-rerun", description, seed, reference)
         return run
 
     def train_once(self, name: str, description: str, seed: int, reference: Reference | None) -> TrainRun:
@@ -133,6 +163,7 @@ class FairRuns:
         run_dir = self.config.runs_dir / name
         env = training_env(preset=self.config.preset, time_budget=self.time_budget, seed=seed, run_dir=run_dir,
                            cache=self.config.cache)
+        env.update(self.env)
         if self.guard.check_files():
             self.branch.reset(self.branch.head())
             stop_if_untrusted(self.guard)
@@ -149,7 +180,8 @@ class FairRuns:
             self.branch.reset(self.branch.head())  # puts the worktree's prepare.py back
         elif outcome.status == "ok":
             problem = self.guard.check_time(outcome, self.time_budget)
-        contended = None if problem else contention(before, after, held_to, outcome, self.config.contention_tolerance)
+        contended = None if problem else contention(before, after, held_to, outcome, self.config.contention_tolerance,
+                                                    self.cpu_check)
         slower = max(before.seconds, after.seconds, held_to.probe_seconds if reference is None else 0.0)
         return TrainRun(outcome, seed, problem, contended, held_to, slower, probe_ratio(before, after, held_to))
 

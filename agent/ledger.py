@@ -25,7 +25,7 @@ COLUMNS = (
     "commit",            # short sha of the experiment's commit; empty when nothing was committed
     "val_bpb",           # validation bits per byte, lower is better; 0.000000 for a crash, as autoresearch writes
     "memory_gb",         # peak accelerator memory in GB; 0.0 for a crash
-    "status",            # keep | discard | crash | timeout | invalid | contended | baseline (a repeat baseline run)
+    "status",            # keep | discard | crash | timeout | invalid | contended | stale | baseline (a repeat baseline run)
     "description",       # one line saying what the experiment changed
     "tag",               # the run's tag; its branch is autoresearch/<tag>
     "experiment",        # backlog ID (MM-1), `baseline`, or an ID the proposer made up
@@ -61,7 +61,9 @@ COLUMNS = (
     "threshold",         # the bar the decision used: a keep needed delta < -threshold; empty when no judge ran
 )
 
-OUTCOMES = ("keep", "discard", "crash", "timeout", "invalid", "contended")  # an experiment's; contended: shared its machine, never judged
+# An experiment's; contended: shared its machine, never judged; stale: beat its parent but not a best that moved
+# while it ran (slots), so it runs again on the new best.
+OUTCOMES = ("keep", "discard", "crash", "timeout", "invalid", "contended", "stale")
 BASELINE = "baseline"  # the experiment name of every baseline run, and the status of each repeat after the first
 STATUSES = OUTCOMES + (BASELINE,)  # every status a row may carry
 TWIN = "twin"  # the experiment name of a null twin of a baseline: a noise measurement, never a candidate

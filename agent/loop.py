@@ -117,6 +117,8 @@ class Loop:
         self.contended_in_a_row = 0  # experiments in a row that never got a quiet machine
         self.left_for_llm: set[str] = set()
         self.contended: set[str] = set()  # recorded contended in this invocation: they run again on resume, not now
+        self.in_flight: set[str] = set()  # items claimed and not yet recorded (more than one with slots)
+        self.slot_env: dict[str, str] = {}  # the one slot's CUDA_VISIBLE_DEVICES when --gpus names a GPU
         self.state = TagState()  # the tag's rows replayed; run() reads them, and every recorded row advances it
 
     def open(self) -> Loop:
@@ -142,14 +144,14 @@ class Loop:
             view.note(repaired)
         self.branch = ExperimentBranch.open(config.repo_root, config.tag)
         self.guard = Guard(config.repo_root, self.branch.path, self.data.files, python=config.python,
-                           env=training_env(preset=config.preset, time_budget=self.time_budget, seed=config.seed,
-                                            run_dir=config.runs_dir, cache=config.cache),
+                           env=dict(training_env(preset=config.preset, time_budget=self.time_budget, seed=config.seed,
+                                                 run_dir=config.runs_dir, cache=config.cache), **self.slot_env),
                            preset=config.preset)
         pid_file = config.runs_dir / "train.pid"
         if kill_stale(pid_file):  # safe: this loop holds the tag's lock, so no live loop owns that run
             view.note("killed a training run that a previous, killed loop left behind")
         self.fair_runs = FairRuns(config, view, self.branch, self.guard, time_budget=self.time_budget,
-                                  timeout=self.timeout, pid_file=pid_file)
+                                  timeout=self.timeout, pid_file=pid_file, env=self.slot_env)
         self.noise_runs = NoiseRuns(config, view, self.branch, self.guard, self.fair_runs, timeout=self.timeout,
                                     record=self.record)
         return self
@@ -207,12 +209,23 @@ class Loop:
 
     def next_item(self) -> BacklogItem | None:
         for item in self.items:
-            if item.id not in self.state.done and item.id not in self.contended and item.id not in self.left_for_llm:
+            if item.id not in self.state.done | self.contended | self.left_for_llm | self.in_flight:
                 return item
         return None
 
     def step(self) -> None:
         """Propose, and run what was proposed; raises BacklogExhausted when nothing is left."""
+        claimed = self.claim()
+        if claimed is not None:
+            self.count_refusal(claimed[1], self.experiment(*claimed))
+
+    def count_refusal(self, proposer: Proposer, ran: bool) -> None:
+        if proposer is not self.backlog_proposer:
+            self.refusals_in_a_row = 0 if ran else self.refusals_in_a_row + 1
+
+    def claim(self) -> tuple[Proposal, Proposer, ProposerState] | None:
+        """The next proposal on the best as it stands, with its proposer and what it was proposed from; None when
+        nothing runs this time (an item left for an LLM, a proposal recorded invalid before it ran)."""
         item = self.next_item()
         proposer: Proposer = self.backlog_proposer if item is not None and item.edits else self.proposer
         if item is None and isinstance(self.proposer, BacklogProposer):
@@ -234,46 +247,48 @@ class Loop:
         if isinstance(result, Skip):
             self.record(dict(commit="", experiment=result.experiment, status="invalid", description="not run",
                              reason=result.reason, parent=best[:7], **usage_columns(result)))
-            ran = False
-        else:
-            ran = self.experiment(result, proposer, state)
-        if proposer is not self.backlog_proposer:
-            self.refusals_in_a_row = 0 if ran else self.refusals_in_a_row + 1
+            self.count_refusal(proposer, False)
+            return None
+        return result, proposer, state
 
     def experiment(self, proposal: Proposal, proposer: Proposer, state: ProposerState) -> bool:
         """Commit, run (with repair), judge (with confirmation), verify and record a proposal; whether it ran."""
         candidate = self.commit(proposal, state)
         if candidate is None:
             return False
-        self.experiments_run += 1
+        self.run_candidate(candidate, proposer, state)
+        return True
+
+    def run_candidate(self, candidate: Candidate, proposer: Proposer, state: ProposerState) -> None:
+        """Run (with repair), judge (with confirmation), verify and record a committed proposal."""
         candidate, first = self.run_with_repair(candidate, proposer, state)
         runs, row = self.judged(candidate, first)
         if row["status"] == "keep":
             row = self.verify(candidate, runs[0], row)
         self.finish(candidate, dict(row, **measured(runs)))
-        return True
 
     def commit(self, proposal: Proposal, state: ProposerState) -> Candidate | None:
         """The proposal as a commit on the best; None when it is refused before it runs (recorded invalid)."""
-        parent, number = self.best_commit, self.state.row_count + 1
+        parent, number = self.best_commit, self.candidate_number()
         columns = dict(experiment=proposal.experiment, description=proposal.description, parent=parent[:7],
                        seed=self.config.seed, **usage_columns(proposal))
         problem = syntax_problem(proposal.train_py)
         if problem or proposal.train_py == state.train_py:
             self.record(dict(columns, commit="", status="invalid", reason=problem or "the proposal leaves train.py unchanged"))
             return None
-        sha = self.branch.commit(f"{proposal.experiment}: {proposal.description}", {"train.py": proposal.train_py})
+        sha = self.new_commit(f"{proposal.experiment}: {proposal.description}", proposal.train_py, parent)
         candidate = Candidate(proposal, sha, number, f"{number:03d}-{proposal.experiment}", parent,
                               self.state.best_values, columns)
         refused = self.guard.check_scope(self.branch.changed_paths(parent, sha)) or self.guard.check_source(proposal.train_py)
         if refused:
             self.finish(candidate, dict(columns, commit=sha[:7], status="invalid", reason=f"not run: {refused}"))
             return None
+        self.experiments_run += 1
         return candidate
 
     def run_with_repair(self, c: Candidate, proposer: Proposer, state: ProposerState) -> tuple[Candidate, TrainRun]:
         """The first run, and while it crashes, the proposer's repairs of its own edit (amending the commit)."""
-        run = self.fair_runs.train(c.name, c.proposal.description, self.config.seed, self.state.reference)
+        run = self.train(c, c.name, c.proposal.description, self.config.seed)
         while run.outcome.status == "crash" and not run.contended and c.attempts < self.config.repair_attempts:
             fixed = proposer.repair(state, c.proposal, run.outcome.tail, c.attempts + 1)
             if fixed is None:  # this proposer cannot repair
@@ -282,10 +297,10 @@ class Loop:
             if not isinstance(fixed, Proposal) or syntax_problem(fixed.train_py) or self.guard.check_source(fixed.train_py):
                 break
             self.branch.keep_ref(c.sha, f"{c.name}-attempt{c.attempts}")
-            sha = self.branch.amend(f"{fixed.experiment}: {fixed.description}", {"train.py": fixed.train_py})
+            sha = self.amend_commit(f"{fixed.experiment}: {fixed.description}", fixed.train_py, c.parent)
             c = replace(c, proposal=fixed, sha=sha, name=f"{c.number:03d}-{fixed.experiment}-repair{c.attempts}",
                         reruns=c.reruns + 1)
-            run = self.fair_runs.train(c.name, fixed.description, self.config.seed, self.state.reference)
+            run = self.train(c, c.name, fixed.description, self.config.seed)
         return c, run
 
     def judged(self, c: Candidate, first: TrainRun) -> tuple[list[TrainRun], dict[str, object]]:
@@ -307,13 +322,12 @@ class Loop:
         """Judge the first run; while the judge asks to confirm, run again on the next baseline's seed, so
         each run is paired with the best's run on the same seed. The runs, the status, why, and the last verdict."""
         runs = [first]
-        verdict = self.judge(runs, c.best, added, removed)
+        verdict = self.judge(runs, self.against(c), added, removed)
         while verdict.status == "confirm":
             if len(runs) >= self.config.max_runs:
                 return runs, "discard", f"{verdict.reason}; still undecided after {len(runs)} runs (--max-runs)", verdict
             seed = self.config.seed + len(runs)
-            again = self.fair_runs.train(f"{c.name}-run{len(runs) + 1}", f"confirming {c.proposal.description} (seed {seed})",
-                                         seed, self.state.reference)
+            again = self.train(c, f"{c.name}-run{len(runs) + 1}", f"confirming {c.proposal.description} (seed {seed})", seed)
             if again.problem:
                 return runs + [again], "invalid", f"confirming run: {again.problem}", verdict
             if again.contended:
@@ -321,8 +335,34 @@ class Loop:
             if again.outcome.status != "ok":
                 return runs, "discard", f"the confirming run (seed {seed}) failed: {again.outcome.reason}", verdict
             runs.append(again)
-            verdict = self.judge(runs, c.best, added, removed)
+            verdict = self.judge(runs, self.against(c), added, removed)
         return runs, verdict.status, verdict.reason, verdict
+
+    # -- where a candidate lives: one worktree on the branch here; agent/slots.py's ParallelLoop overrides these
+
+    def candidate_number(self) -> int:
+        """The next row's number: it prefixes the candidate's run directories and refs."""
+        return self.state.row_count + 1
+
+    def new_commit(self, message: str, train_py: str, parent: str) -> str:
+        """The candidate's commit on `parent` (the best, where the branch stands); its sha."""
+        return self.branch.commit(message, {"train.py": train_py})
+
+    def amend_commit(self, message: str, train_py: str, parent: str) -> str:
+        """The candidate's commit rewritten by a crash repair; its new sha."""
+        return self.branch.amend(message, {"train.py": train_py})
+
+    def train(self, c: Candidate, name: str, description: str, seed: int) -> TrainRun:
+        """A fair run of the candidate's commit (the worktree's HEAD here)."""
+        return self.fair_runs.train(name, description, seed, self.state.reference)
+
+    def checkout_for_verify(self, c: Candidate) -> Guard:
+        """The guard whose worktree holds the candidate's train.py, for its re-evaluation: the branch's here."""
+        return self.guard
+
+    def against(self, c: Candidate) -> tuple[float, ...]:
+        """The best's per-seed values a candidate is judged against: here, the best it started from."""
+        return c.best
 
     def judge(self, runs: list[TrainRun], best: tuple[float, ...], added: int, removed: int) -> Verdict:
         c = self.config
@@ -333,7 +373,7 @@ class Loop:
     def verify(self, c: Candidate, first: TrainRun, row: dict[str, object]) -> dict[str, object]:
         """A would-be keep, re-scored by the fixed code from its first run's checkpoint (its seed is the one every
         best has a test score on) and held to the val-vs-test rule: the gain on val must show on test."""
-        problem, verified = self.guard.verify(first.outcome.log_path.parent, first.outcome.summary.val_bpb)
+        problem, verified = self.checkout_for_verify(c).verify(first.outcome.log_path.parent, first.outcome.summary.val_bpb)
         best_test = self.state.best_test  # None for a tag begun before test scores existed: nothing to compare with
         if not problem and best_test is not None:
             noise = gap_noise([(float(r["val_bpb"]), float(r["test_bpb"])) for r in self.state.baselines if r["test_bpb"]])
@@ -343,6 +383,10 @@ class Loop:
         if problem:
             row.update(status="invalid", reason=f"{problem} (the judge would have kept it: {row['reason']})")
         return row
+
+    def leave(self, c: Candidate) -> None:
+        """A candidate that is not kept: the branch goes back to where it started."""
+        self.branch.reset(c.parent)
 
     def finish(self, c: Candidate, row: dict[str, object]) -> None:
         """Keep the commit under a ref, record the row, then advance the best or go back to it."""
@@ -356,7 +400,7 @@ class Loop:
         if status == "keep":
             self.view.best(self.state.best_val, self.state.floor.describe())
         else:
-            self.branch.reset(c.parent)
+            self.leave(c)
             for checkpoint in self.config.runs_dir.glob(f"{c.number:03d}-*/checkpoint.pt"):
                 checkpoint.unlink()
         stop_if_untrusted(self.guard)
@@ -446,6 +490,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds before the first re-probe of a busy machine; the wait doubles each time")
     p.add_argument("--max-crashes", type=int, default=3, help="stop after this many crashes in a row")
     p.add_argument("--repair-attempts", type=int, default=2, help="crash repairs an LLM proposer may try")
+    p.add_argument("--gpus", metavar="0,1,...", help="slots: one training process per GPU, several experiments at once "
+                   "(default: every visible GPU with the gpu preset; one slot on a machine without one)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--timeout", type=float, help="seconds before a run is killed (default 2.5 x budget + startup)")
     p.add_argument("--model", help="Claude model (default: AUTORESEARCH_MODEL or the proposer's default)")
@@ -491,6 +537,23 @@ def build_config(args: argparse.Namespace, argv: list[str] | None = None) -> Loo
     except ValidationError as e:
         first = e.errors()[0]
         raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}; see python agent/loop.py --help.") from None
+
+
+def make_loop(config: LoopConfig, view: View, gpus: str | None) -> Loop:
+    """One slot: this module's Loop (on its GPU when --gpus names one); more: agent/slots.py's ParallelLoop."""
+    from agent.slots import CPU_SLOT, ParallelLoop, parse_gpus
+
+    slots = parse_gpus(gpus, lambda: _visible_gpus(config.python) if config.preset == "gpu" else 0)
+    if len(slots) > 1:
+        return ParallelLoop(config, view, slots=slots)
+    loop = Loop(config, view)
+    loop.slot_env = {} if slots[0] == CPU_SLOT else {"CUDA_VISIBLE_DEVICES": slots[0]}
+    return loop
+
+
+def _visible_gpus(python: str) -> int:
+    probe = subprocess.run([python, "-c", "import torch; print(torch.cuda.device_count())"], capture_output=True, text=True)
+    return int(probe.stdout.strip()) if probe.stdout.strip().isdigit() else 0
 
 
 def _detect_preset() -> str:
@@ -549,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     report = shlex.join(["python", os.path.relpath(REPO_ROOT / "agent" / "report.py", Path.cwd()), "--tag", config.tag])
     with view:
         try:
-            loop = Loop(config, view).open()
+            loop = make_loop(config, view, args.gpus).open()
             loop.run()
         except UserError as e:
             view.note(f"loop: {e}")

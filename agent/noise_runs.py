@@ -52,42 +52,62 @@ class NoiseRuns:
             seed = self.config.seed + index
             run = self.fair_runs.train(f"{state.row_count + 1:03d}-baseline",
                                        f"baseline {index + 1}/{repeats} (seed {seed})", seed, state.reference)
-            row = dict(commit=base, experiment="baseline", seed=seed, parent=base,
-                       description=f"baseline {index + 1}/{repeats}", **measured([run]))
-            if run.contended is None and run.outcome.status == "ok" and not run.problem:  # a re-run has its own dir
-                problem, verified = self.guard.verify(run.outcome.log_path.parent, run.outcome.summary.val_bpb)
-                run, row["test_bpb"] = replace(run, problem=problem), verified.get("test_bpb")
-            self.stop_unless_measured(run, row, state, "the baseline", ", so it would measure the load, not train.py")
-            state = self.record(dict(row, status=baseline_status(index), reason=f"baseline run {index + 1} (seed {seed})"))
+            state = self.record_baseline(index, run, state)
         return state
 
-    def twins(self, state: TagState) -> None:
-        wanted = min(self.config.null_twins, len(state.baselines))
-        if len(state.twins) >= wanted or state.done:
-            return
-        base = self.branch.repo.git.rev_parse(state.base_commit)
-        source = self.branch.read("train.py", base)
+    def record_baseline(self, index: int, run: TrainRun, state: TagState) -> TagState:
+        """Baseline run `index`, verified by the guard (whose worktree holds the base commit), as a row."""
+        base, seed = state.base_commit, run.seed
+        row = dict(commit=base, experiment="baseline", seed=seed, parent=base,
+                   description=f"baseline {index + 1}/{self.config.baseline_repeats}", **measured([run]))
+        if run.contended is None and run.outcome.status == "ok" and not run.problem:  # a re-run has its own dir
+            problem, verified = self.guard.verify(run.outcome.log_path.parent, run.outcome.summary.val_bpb)
+            run, row["test_bpb"] = replace(run, problem=problem), verified.get("test_bpb")
+        self.stop_unless_measured(run, row, state, "the baseline", ", so it would measure the load, not train.py")
+        return self.record(dict(row, status=baseline_status(index), reason=f"baseline run {index + 1} (seed {seed})"))
+
+    def twins_wanted(self, state: TagState) -> int:
+        """How many null twins the tag still lacks: none once its experiments have begun."""
+        return 0 if state.done else max(0, min(self.config.null_twins, len(state.baselines)) - len(state.twins))
+
+    def twin_source(self, state: TagState) -> str | None:
+        """The base commit's train.py with the null edit; None (and a note) when it has no MATRIX_LR to edit."""
+        source = self.branch.read("train.py", self.branch.repo.git.rev_parse(state.base_commit))
         try:
-            twin = set_constants(source, [Assignment("MATRIX_LR", f"({read_constant(source, 'MATRIX_LR')}) * 1.0001")])
+            return set_constants(source, [Assignment("MATRIX_LR", f"({read_constant(source, 'MATRIX_LR')}) * 1.0001")])
         except ConstantEditError as e:
             self.view.note(f"no null twins, so the judge's sigma is the baselines' cross-seed one: {e}")
+            return None
+
+    def record_twin(self, run: TrainRun, sha: str, state: TagState) -> TagState:
+        """Null twin `len(state.twins)`, run at `sha` on its baseline's seed, as a row."""
+        index, wanted = len(state.twins), len(state.twins) + self.twins_wanted(state)
+        base = self.branch.repo.git.rev_parse(state.base_commit)
+        row = dict(commit=sha[:7], experiment=TWIN, seed=run.seed, parent=base[:7],
+                   description=f"null twin {index + 1}/{wanted}: MATRIX_LR x 1.0001", **measured([run]))
+        self.stop_unless_measured(run, row, state, "a null twin")
+        return self.record(dict(row, status="discard", reason=f"null twin of baseline {index + 1} (seed {run.seed}): "
+                                                              f"measures the paired noise, never a candidate"))
+
+    def twins(self, state: TagState) -> None:
+        if not self.twins_wanted(state):
+            return
+        base = self.branch.repo.git.rev_parse(state.base_commit)
+        twin = self.twin_source(state)
+        if twin is None:
             return
         sha = (self.branch.repo.git.rev_parse(state.twins[0]["commit"]) if state.twins else
                self.branch.commit(f"{TWIN}: MATRIX_LR x 1.0001, a null edit that measures the paired noise", {"train.py": twin}))
         self.branch.reset(sha)
         try:
-            while len(state.twins) < wanted:
-                index = len(state.twins)
+            while self.twins_wanted(state):
+                index, wanted = len(state.twins), len(state.twins) + self.twins_wanted(state)
                 seed = self.config.seed + index
                 name = f"{state.row_count + 1:03d}-{TWIN}"
                 run = self.fair_runs.train(name, f"null twin {index + 1}/{wanted} of baseline {index + 1} (seed {seed})",
                                            seed, state.reference)
-                row = dict(commit=sha[:7], experiment=TWIN, seed=seed, parent=base[:7],
-                           description=f"null twin {index + 1}/{wanted}: MATRIX_LR x 1.0001", **measured([run]))
                 self.branch.keep_ref(sha, name)
-                self.stop_unless_measured(run, row, state, "a null twin")
-                state = self.record(dict(row, status="discard", reason=f"null twin of baseline {index + 1} (seed {seed}): "
-                                                                       f"measures the paired noise, never a candidate"))
+                state = self.record_twin(run, sha, state)
         finally:
             self.branch.reset(base)
 

@@ -136,10 +136,12 @@ def _gpu_sentence(processes: Sequence[GpuProcess], when: str) -> str:
 
 
 def contention(before: ProbeResult, after: ProbeResult, reference: Reference | None, outcome: RunOutcome,
-               tolerance: float) -> str | None:
+               tolerance: float, cpu_check: bool = True) -> str | None:
     """Why the run shared its machine, in one sentence with the numbers; None when it had it to itself.
 
-    Without a reference (the run that would become it) the two probes must agree with each other.
+    Without a reference (the run that would become it) the two probes must agree with each other. Without
+    `cpu_check` the run's CPU share is not compared: GPU slots share the host's CPUs by design, and each slot's
+    own GPU is what its probe and nvidia-smi watch.
     """
     reasons = []
     if reference is None:
@@ -160,7 +162,7 @@ def contention(before: ProbeResult, after: ProbeResult, reference: Reference | N
         if probe.gpu_others:
             reasons.append(_gpu_sentence(probe.gpu_others, f"{when} the run"))
     cpu = outcome.cpu_per_second
-    if (reference is not None and reference.cpu_per_second is not None and reference.cpu_per_second > CPU_BUSY
+    if (cpu_check and reference is not None and reference.cpu_per_second is not None and reference.cpu_per_second > CPU_BUSY
             and cpu is not None and cpu < reference.cpu_per_second * (1 - CPU_TOLERANCE)):
         reasons.append(f"the run's process group used {cpu:.2f} CPU-seconds per second against "
                        f"{reference.cpu_per_second:.2f} on the reference run (tolerance {CPU_TOLERANCE:.0%})")

@@ -42,7 +42,7 @@ from agent.stops import UserError  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AUTORESEARCH_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")
-NOT_MEASURED = tuple(s for s in OUTCOMES if s not in ("keep", "discard"))  # no verdict: failed or contended
+NOT_MEASURED = tuple(s for s in OUTCOMES if s not in ("keep", "discard", "stale"))  # no verdict: failed or contended
 NOISE_RUNS = ("baseline", TWIN)  # the noise measurements: never judged, never counted as experiments
 PAUSE_SECONDS = 3600.0  # a gap between two rows longer than this is a stopped loop, not an experiment
 STEPS_TOLERANCE = 0.10  # a run whose steps differ from the baseline's by more than this is flagged
@@ -546,7 +546,8 @@ def plot(s: TagSummary, out: Path) -> None:
 # -- backlog status ----------------------------------------------------------------------------
 
 OUTCOME_WORDS = {"keep": "kept", "discard": "discarded", "crash": "crashed", "timeout": "timed out",
-                 "invalid": "invalid", "contended": "contended (runs again on resume)"}
+                 "invalid": "invalid", "contended": "contended (runs again on resume)",
+                 "stale": "a stale win (runs again on the new best)"}
 
 
 def outcome(row: dict[str, str] | None) -> str:

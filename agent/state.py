@@ -55,7 +55,7 @@ class TagState:
     baselines: tuple[Row, ...] = ()  # finished baseline runs: the first (seed of every candidate), then the repeats
     twins: tuple[Row, ...] = ()  # finished null twins: twin i ran on baseline i's seed
     kept: Row | None = None  # the last kept experiment; None while the best is the baseline
-    done: frozenset[str] = frozenset()  # experiments with a row; a contended one measured the load, so it runs again
+    done: frozenset[str] = frozenset()  # experiments with a row; a contended or stale one runs again
 
     def after(self, row: Row) -> TagState:
         """This state with one more row."""
@@ -70,7 +70,7 @@ class TagState:
             return state  # a failed baseline run: recorded, measures nothing
         if is_kept_experiment(row):
             state = replace(state, kept=row)
-        if row.get("status") != "contended":
+        if row.get("status") not in ("contended", "stale"):  # each runs again: on resume, on the new best
             state = replace(state, done=state.done | {row.get("experiment", "")})
         return state
 

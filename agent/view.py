@@ -18,7 +18,7 @@ from rich.text import Text
 from agent.summary import Progress
 
 STATUS_STYLES = {"keep": "bold green", "discard": "yellow", "crash": "bold red", "timeout": "red", "invalid": "magenta",
-                 "contended": "cyan", "baseline": "blue"}
+                 "contended": "cyan", "stale": "cyan", "baseline": "blue"}
 RECENT_ROWS = 8
 
 

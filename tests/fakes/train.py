@@ -99,6 +99,8 @@ def main():
         "num_steps": "2", "num_params_M": f"{VOCAB_SIZE / 1e6:.4f}", "depth": "0", "optimizer": OPTIMIZER,
         "preset": os.environ.get("AUTORESEARCH_PRESET", "cpu"), "data_fingerprint": "fake",
     }
+    # where and when it ran, for the slot tests: runs on one GPU must never overlap
+    print(f"fake ran: CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')} from {t0:.3f} to {time.time():.3f}")
     print("---")
     for key, value in summary.items():
         print(f"{key}: {value}")
