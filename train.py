@@ -218,12 +218,6 @@ class GPT(nn.Module):
         self.register_buffer("cos", None, persistent=False)  # init_weights computes both on the model's device
         self.register_buffer("sin", None, persistent=False)
 
-    @staticmethod
-    def _rotary(seq_len, head_dim, base=10000, device=None):
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
-
     @torch.no_grad()
     def init_weights(self):
         s = 3**0.5 * self.config.n_embd**-0.5  # uniform bound giving std n_embd^-0.5
@@ -243,8 +237,10 @@ class GPT(nn.Module):
         if self.wte.weight.is_cuda:  # embeddings are lookups: bf16 halves their memory traffic
             for embedding in (self.wte, *self.value_embeds.values()):
                 embedding.to(dtype=torch.bfloat16)
-        self.cos, self.sin = (t.to(self.wte.weight.dtype) for t in self._rotary(  # the embeddings' dtype
-            self.config.sequence_len, self.config.n_embd // self.config.n_head, device=self.wte.weight.device))
+        head_dim, device = self.config.n_embd // self.config.n_head, self.wte.weight.device  # rotary tables:
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+        freqs = torch.outer(torch.arange(self.config.sequence_len, dtype=torch.float32, device=device), inv_freq)
+        self.cos, self.sin = (t[None, :, None, :].to(self.wte.weight.dtype) for t in (freqs.cos(), freqs.sin()))
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -358,8 +354,6 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, param_groups, scalar_device="cpu"):
         super().__init__(param_groups, defaults={})
-        for group in self.param_groups:
-            group.setdefault("initial_lr", group["lr"])  # the LR schedule's reference
         # each group's hyperparameters as 0-D tensors, so a compiled step does not recompile when a value changes
         keys = ("lr", "momentum", "wd", "beta1", "beta2", "eps")
         self.hyper = [{key: torch.zeros((), device=scalar_device) for key in keys} for _ in self.param_groups]
@@ -439,6 +433,8 @@ def param_groups(model):
     else:
         raise ValueError(f"MATRIX_OPTIMIZER must be 'muon' or 'adamw', got {MATRIX_OPTIMIZER!r}")
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    for g in groups:
+        g["initial_lr"] = g["lr"]
     return groups
 
 
@@ -556,6 +552,7 @@ class DeepNestedOptimizer(MuonAdamW):
             raise ValueError(f"use_cuda_graph=True captures the update on a CUDA device, and these parameters are on "
                              f"{device.type}: leave use_cuda_graph=False here.")
         for g in groups:
+            g.setdefault("initial_lr", g["lr"])  # the LR schedule's reference (param_groups sets it)
             g["role"] = HIDDEN if g["kind"] == "muon" or g.get("matrix") else OTHER
         super().__init__(groups, scalar_device=device)  # on the device: a captured graph reads this step's values
         self.model, self.mode, self.max_grad_norm = model, mode, max_grad_norm
