@@ -170,9 +170,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, ve, cos_sin, window):
         B, T, C = x.size()
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_head, self.head_dim)
+        q, k, v = (c(x).view(B, T, self.n_head, self.head_dim) for c in (self.c_q, self.c_k, self.c_v))
         if ve is not None:  # value residual (ResFormer), gated per head by the input
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_head, self.head_dim)
@@ -207,7 +205,9 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.windows = self._windows(config)
+        sizes, pattern = {"L": config.sequence_len, "S": config.sequence_len // 2}, config.window_pattern.upper()
+        assert pattern and set(pattern) <= set(sizes), f"WINDOW_PATTERN may hold only S and L, got {pattern!r}"
+        self.windows = [sizes[pattern[i % len(pattern)]] for i in range(config.n_layer - 1)] + [config.sequence_len]
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -217,21 +217,6 @@ class GPT(nn.Module):
                                            for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)})
         self.register_buffer("cos", None, persistent=False)  # init_weights computes both on the model's device
         self.register_buffer("sin", None, persistent=False)
-
-    @staticmethod
-    def _windows(config):
-        sizes = {"L": config.sequence_len, "S": config.sequence_len // 2}
-        pattern = config.window_pattern.upper()
-        assert pattern and set(pattern) <= set(sizes), f"WINDOW_PATTERN may hold only S and L, got {pattern!r}"
-        windows = [sizes[pattern[i % len(pattern)]] for i in range(config.n_layer)]
-        windows[-1] = config.sequence_len
-        return windows
-
-    @staticmethod
-    def _rotary(seq_len, head_dim, base=10000, device=None):
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
     @torch.no_grad()
     def init_weights(self):
@@ -252,8 +237,10 @@ class GPT(nn.Module):
         if self.wte.weight.is_cuda:  # embeddings are lookups: bf16 halves their memory traffic
             for embedding in (self.wte, *self.value_embeds.values()):
                 embedding.to(dtype=torch.bfloat16)
-        self.cos, self.sin = (t.to(self.wte.weight.dtype) for t in self._rotary(  # the embeddings' dtype
-            self.config.sequence_len, self.config.n_embd // self.config.n_head, device=self.wte.weight.device))
+        head_dim, device = self.config.n_embd // self.config.n_head, self.wte.weight.device  # rotary tables:
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+        freqs = torch.outer(torch.arange(self.config.sequence_len, dtype=torch.float32, device=device), inv_freq)
+        self.cos, self.sin = (t[None, :, None, :].to(self.wte.weight.dtype) for t in (freqs.cos(), freqs.sin()))
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -358,8 +345,7 @@ def adamw_step_fused(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_
     p.mul_(1 - lr_t * wd_t)
     exp_avg.lerp_(grad, 1 - beta1_t)
     exp_avg_sq.lerp_(grad.square(), 1 - beta2_t)
-    bias1 = 1 - beta1_t ** step_t
-    bias2 = 1 - beta2_t ** step_t
+    bias1, bias2 = 1 - beta1_t ** step_t, 1 - beta2_t ** step_t
     p.add_(exp_avg / ((exp_avg_sq / bias2).sqrt() + eps_t), alpha=-(lr_t / bias1))
 
 
@@ -395,20 +381,26 @@ class MuonAdamW(torch.optim.Optimizer):
         state = self.state[params[0]]
         if not state:
             rows, cols = params[0].shape
-            state["momentum_buffer"] = torch.zeros(len(params), rows, cols, dtype=params[0].dtype, device=params[0].device)
-            moment_shape = (len(params), rows, 1) if rows >= cols else (len(params), 1, cols)
-            state["second_moment"] = torch.zeros(moment_shape, dtype=params[0].dtype, device=params[0].device)
+            state["momentum_buffer"] = params[0].new_zeros(len(params), rows, cols)
+            state["second_moment"] = params[0].new_zeros((len(params), rows, 1) if rows >= cols else (len(params), 1, cols))
         return state
 
-    def _step_muon(self, group, h):
+    def _muon_direction(self, group, h, state, grads):
+        """What the fused Muon step reads as gradient, momentum buffer and momentum: Muon's own (Nesterov in the step)."""
+        return grads, state["momentum_buffer"], h["momentum"]
+
+    def _step_group(self, group, h, lr):
+        """One group's update at the LR lr (a 0-D tensor), the other hyperparameters loaded into h."""
+        if group["kind"] == "adamw":
+            return self._step_adamw(group, h, lr)
         params = group["params"]
         if params[0].grad is None:
             return
         state, (rows, cols) = self._muon_state(group), params[0].shape
         grads, stacked = torch.stack([p.grad for p in params]), torch.stack(params)
-        muon_step_fused(grads, stacked, state["momentum_buffer"], state["second_moment"], h["momentum"],
-                        h["lr"] * max(1.0, rows / cols) ** 0.5, h["wd"], h["beta2"], group["ns_steps"],
-                        -1 if rows >= cols else -2)
+        grads, buffer, momentum = self._muon_direction(group, h, state, grads)
+        muon_step_fused(grads, stacked, buffer, state["second_moment"], momentum, lr * max(1.0, rows / cols) ** 0.5,
+                        h["wd"], h["beta2"], group["ns_steps"], -1 if rows >= cols else -2)
         torch._foreach_copy_(params, list(stacked.unbind(0)))
 
     @torch.no_grad()
@@ -416,10 +408,7 @@ class MuonAdamW(torch.optim.Optimizer):
         """One update; `loss` (this step's training loss) is unused here, learned optimizers read it."""
         for group, h in zip(self.param_groups, self.hyper):
             self._load_hyper(group, h)
-            if group["kind"] == "adamw":
-                self._step_adamw(group, h, h["lr"])
-            else:
-                self._step_muon(group, h)
+            self._step_group(group, h, h["lr"])
 
 
 def param_groups(model):
@@ -768,7 +757,7 @@ class DeepNestedOptimizer(MuonAdamW):
             self.graph.replay()
             return
         for group, h in zip(self.param_groups, self.hyper):
-            self._apply(group, h)
+            self._step_group(group, h, h["lr"] * self.multipliers[group["role"]])
         if self.graph is None and t + 1 >= self.capture_after and None not in grads:
             self.graph_grads = [g.clone() for g in grads]
             for p, g in zip(self.tensors, self.graph_grads):
@@ -776,19 +765,12 @@ class DeepNestedOptimizer(MuonAdamW):
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # records the update without running it (this step's ran above)
                 for group, h in zip(self.param_groups, self.hyper):
-                    self._apply(group, h)
+                    self._step_group(group, h, h["lr"] * self.multipliers[group["role"]])
 
-    def _apply(self, group, h):
-        """MuonAdamW's update of one group, with the learned multiplier and, for Muon, the learned momentum."""
-        lr = h["lr"] * self.multipliers[group["role"]]
-        if group["kind"] == "adamw":
-            return self._step_adamw(group, h, lr)
-        params = group["params"]
-        if params[0].grad is None:
-            return
-        state, (rows, cols), i = self._muon_state(group), params[0].shape, group["hidden_slice"]
-        G, P, buf = torch.stack([p.grad for p in params]), torch.stack(params), state["momentum_buffer"]
-        b = h["momentum"]
+    def _muon_direction(self, group, h, state, G):
+        """The learned direction d: momentum decay and Nesterov mix shifted per matrix, slower CMS levels mixed in. The
+        fused step then has no momentum: it only orthogonalises, rescales and applies d (which doubles as its buffer)."""
+        i, buf, b = group["hidden_slice"], state["momentum_buffer"], h["momentum"]
         beta, nu = (b - (1 - b) * self.shift[i]).to(buf.dtype).unbind(1)
         buf.lerp_(G, (1 - beta).view(-1, 1, 1))
         mix = buf
@@ -799,10 +781,7 @@ class DeepNestedOptimizer(MuonAdamW):
             slow.lerp_(buf.to(slow.dtype), ((1 - b) * self.cms_due[level]).to(slow.dtype))  # due: every f steps
             mix = mix + self.cms_weights[i, level].view(-1, 1, 1) * (slow.to(buf.dtype) - buf)
         d = G.lerp_(mix, nu.view(-1, 1, 1))
-        # no momentum: the fused step only orthogonalises, rescales and applies d (which doubles as its buffer)
-        muon_step_fused(d, P, d, state["second_moment"], self.no_momentum, lr * max(1.0, rows / cols) ** 0.5, h["wd"],
-                        h["beta2"], group["ns_steps"], -1 if rows >= cols else -2)
-        torch._foreach_copy_(params, list(P.unbind(0)))
+        return d, d, self.no_momentum
 
     # -- explicit mode -----------------------------------------------------------------------------------------
 
@@ -958,12 +937,6 @@ def peak_memory_mb():
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
-
-def peak_flops():
-    if DEVICE.type != "cuda":
-        return None
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in torch.cuda.get_device_name()), None)
-
 # ---------------------------------------------------------------------------
 # Training loop
 # ---------------------------------------------------------------------------
@@ -984,7 +957,9 @@ def main():
     tokens_per_pass = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
     assert TOTAL_BATCH_SIZE % tokens_per_pass == 0, "TOTAL_BATCH_SIZE must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN"
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_pass
-    flops_per_token, peak = model.flops_per_token(), peak_flops()
+    flops_per_token = model.flops_per_token()
+    peak = (next((flops for gpu, flops in PEAK_FLOPS.items() if gpu in torch.cuda.get_device_name()), None)
+            if DEVICE.type == "cuda" else None)
     print(f"device: {DEVICE.type} | preset: {PRESET} | params: {model.num_params():,} | "
           f"budget: {TIME_BUDGET:g}s | grad accumulation: {grad_accum_steps} | data: {fingerprint}")
 
