@@ -307,16 +307,21 @@ class ParallelLoop(Loop):
         return commit_on(self.config.repo_root, parent, {"train.py": train_py}, message)
 
     def train(self, c: Candidate, name: str, description: str, seed: int) -> TrainRun:
-        """The run on a free slot (for a confirmation, not the slot of the candidate's last run), with the
-        driver's lock let go while it trains."""
-        slot = self.pool.take(avoid=self.last_slot.get(c.number) if name != c.name else None)
-        self.last_slot[c.number] = slot
-        try:
-            slot.reset(c.sha)
-            return self.unlocked(lambda: slot.fair_runs.train(f"{name}", f"{description} [slot {slot.name}]", seed,
-                                                              self.state.reference))
-        finally:
-            self.pool.give(slot)
+        """The run on a free slot (for a confirmation, not the slot of the candidate's last run). The driver's
+        lock is let go first: waiting for a slot under it would keep the runs that hold them from finishing."""
+        avoid = self.last_slot.get(c.number) if name != c.name else None
+        reference = self.state.reference
+
+        def on_a_slot() -> TrainRun:
+            slot = self.pool.take(avoid=avoid)
+            self.last_slot[c.number] = slot
+            try:
+                slot.reset(c.sha)
+                return slot.fair_runs.train(name, f"{description} [slot {slot.name}]", seed, reference)
+            finally:
+                self.pool.give(slot)
+
+        return self.unlocked(on_a_slot)
 
     def unlocked(self, work: Callable[[], TrainRun]) -> TrainRun:
         self.driver_lock.release()

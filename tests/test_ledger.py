@@ -26,7 +26,7 @@ def row(**values) -> dict[str, object]:
 def test_columns_start_with_the_autoresearch_five():
     assert COLUMNS[:5] == ("commit", "val_bpb", "memory_gb", "status", "description")
     assert len(COLUMNS) == len(set(COLUMNS)) == 37
-    assert STATUSES == ("keep", "discard", "crash", "timeout", "invalid", "contended", "baseline")
+    assert STATUSES == ("keep", "discard", "crash", "timeout", "invalid", "contended", "stale", "baseline")
 
 
 def test_header_is_written_once(tmp_path):

@@ -78,11 +78,15 @@ def test_two_slots_run_at_once_never_two_on_one_gpu_and_record_one_row_per_run(p
     items = [(f"MM-{i}", f"MUON_MOMENTUM_START = 0.{80 + i}; SLEEP = 3") for i in range(1, 4)]
     backlog = project.backlog(NS_1, *items)
 
-    result = project.loop("--tag", TAG, "--backlog", backlog, *FAST, *SLOTS, "--max-runs", "1")
+    result = project.loop("--tag", TAG, "--backlog", backlog, *FAST, *SLOTS)
 
     assert result.returncode == 0, result.stdout + result.stderr
     rows = project.rows()
     assert sorted(r["experiment"] for r in rows) == ["MM-1", "MM-2", "MM-3", "NS-1", "baseline", "baseline"]
+    ns = next(r for r in rows if r["experiment"] == "NS-1")  # a keep on one run is confirmed on the other slot
+    assert ns["runs"] == "2" and "confirmed on a second slot" in ns["reason"], ns
+    where = {run: cvd for cvd, runs in runs_by_slot(project).items() for _, _, run in runs}
+    assert where["003-NS-1"] != where["003-NS-1-run2"], where
     assert [(r["experiment"], r["status"]) for r in rows[:2]] == [("baseline", "keep"), ("baseline", "baseline")]
     assert {r["experiment"]: r["status"] for r in rows}["NS-1"] == "keep"
     assert len({(r["experiment"], r["commit"], r["seed"]) for r in rows}) == len(rows)
@@ -92,7 +96,7 @@ def test_two_slots_run_at_once_never_two_on_one_gpu_and_record_one_row_per_run(p
         runs.sort()
         assert all(overlap(a, b) < 0 for a, b in zip(runs, runs[1:])), runs
     assert max(overlap(a, b) for a in slots["0"] for b in slots["1"]) > 1.0, slots  # the 3 s runs ran side by side
-    assert len(sum(slots.values(), [])) == len(rows)  # every run is a row; nothing ran twice
+    assert len(sum(slots.values(), [])) == len(rows) + 1  # every run is a row's (NS-1 has two); nothing ran twice
     kept = [r for r in rows if r["status"] == "keep" and r["experiment"] != "baseline"]
     assert project.branch() == project.sha(kept[-1]["commit"])
     assert project.git("status", "--porcelain") == ""
