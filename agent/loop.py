@@ -377,7 +377,7 @@ class Loop:
         best_test = self.state.best_test  # None for a tag begun before test scores existed: nothing to compare with
         if not problem and best_test is not None:
             noise = gap_noise([(float(r["val_bpb"]), float(r["test_bpb"])) for r in self.state.baselines if r["test_bpb"]])
-            problem = val_test_problem((c.best[0], best_test), (verified["val_bpb"], verified["test_bpb"]), noise,
+            problem = val_test_problem((self.against(c)[0], best_test), (verified["val_bpb"], verified["test_bpb"]), noise,
                                        self.config.k)
         row = dict(row, test_bpb=verified.get("test_bpb"))
         if problem:

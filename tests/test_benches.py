@@ -13,7 +13,7 @@ import torch
 
 from conftest import REPO_ROOT
 
-BENCHES = ["loop_overhead", "guard_cost", "throughput"]  # the Python benches this file smoke-tests
+BENCHES = ["loop_overhead", "guard_cost", "throughput", "parallel_scaling"]  # the Python benches this file smoke-tests
 
 
 def values(stdout: str) -> dict[str, str]:
@@ -33,6 +33,17 @@ def test_a_bench_runs_as_a_module_and_explains_itself(bench, run_python):
     result = run_python("-m", f"bench.{bench}", "--help", timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: ")
+
+
+@pytest.mark.slow
+def test_parallel_scaling_runs_one_and_two_slots_and_compares_them(run_python, prepared_builtin):
+    result = run_python("-m", "bench.parallel_scaling", "--slots", "1,2", "--sleep", "0", "--rounds", "1", timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = values(result.stdout)
+    one, two, scaling = numbers(found, "slots_1_experiments_per_hour", "slots_2_experiments_per_hour",
+                                "slots_2_scaling_per_slot")
+    assert one > 0 and two > 0 and scaling > 0
+    assert found["slots_1_scaling_per_slot"] == "1.000"
 
 
 @pytest.mark.slow
