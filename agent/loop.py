@@ -364,11 +364,14 @@ class Loop:
         """The best's per-seed values a candidate is judged against: here, the best it started from."""
         return c.best
 
-    def judge(self, runs: list[TrainRun], best: tuple[float, ...], added: int, removed: int) -> Verdict:
+    def judge(self, runs: list[TrainRun], best: tuple[float, ...], added: int, removed: int, *,
+              bar_alone: bool = False) -> Verdict:
+        """The configured judge on the runs; `bar_alone`: no confirmation margin, the bar decides on these runs."""
         c = self.config
         return JUDGES[c.judge]([r.outcome.summary.val_bpb for r in runs], best, self.state.floor, k=c.k,
                                min_delta=c.min_delta or 0.0, lines_added=added, lines_removed=removed,
-                               confirm_margin=c.confirm_margin, max_runs=c.max_runs)
+                               confirm_margin=0.0 if bar_alone else c.confirm_margin,
+                               max_runs=len(runs) if bar_alone else c.max_runs)
 
     def verify(self, c: Candidate, first: TrainRun, row: dict[str, object]) -> dict[str, object]:
         """A would-be keep, re-scored by the fixed code from its first run's checkpoint (its seed is the one every

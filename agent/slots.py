@@ -182,6 +182,7 @@ class ParallelLoop(Loop):
         self.requeued: list[tuple[Proposal, Proposer, ProposerState]] = []  # stale wins, merged on the new best
         self.last_slot: dict[int, Slot] = {}  # where each candidate's latest run was, so a confirmation runs elsewhere
         self.stopping = False
+        self.numbered = 0  # the last candidate number handed out
 
     def open(self) -> ParallelLoop:
         super().open()
@@ -287,7 +288,7 @@ class ParallelLoop(Loop):
 
     def candidate_number(self) -> int:
         """Numbers stay unique while several candidates are in flight: each names its runs and refs."""
-        self.numbered = max(getattr(self, "numbered", 0), self.state.row_count) + 1
+        self.numbered = max(self.numbered, self.state.row_count) + 1
         return self.numbered
 
     def experiment_thread(self, candidate: Candidate, proposer: Proposer, state: ProposerState) -> None:
@@ -349,18 +350,10 @@ class ParallelLoop(Loop):
                 status = "discard"
         moved = not c.parent.startswith(self.state.best_commit or "")
         if status != "keep" and moved:
-            old = self.judge_strict(runs, c.best, added, removed)
+            old = self.judge(runs, c.best, added, removed, bar_alone=True)
             if old.status == "keep":
                 return runs, *self.requeue(c, old.reason), verdict
         return runs, status, reason, verdict
-
-    def judge_strict(self, runs, best, added, removed):
-        from agent.judge import JUDGES
-
-        k = self.config
-        return JUDGES[k.judge]([r.outcome.summary.val_bpb for r in runs], best, self.state.floor, k=k.k,
-                               min_delta=k.min_delta or 0.0, lines_added=added, lines_removed=removed,
-                               confirm_margin=0.0, max_runs=len(runs))
 
     def requeue(self, c: Candidate, beat: str) -> tuple[str, str]:
         """A stale win's change merged onto the new best, queued before any new item; the row's status and reason
